@@ -1,0 +1,156 @@
+"""Local training and encoding for the group of clients one rank owns.
+
+Each client trains from the round's global model w^t with plain SGD (optional momentum,
+weight decay, global-norm gradient clipping), either ``local_steps`` K minibatches (the
+same K for every client) or ``local_epochs`` E full passes over its own shard (so clients
+with more data take more steps). Minibatches are drawn by index from the client's shard
+tensors in memory with ``numpy.random.default_rng([seed, TAG_BATCH, round, client])``:
+no DataLoader, no per-sample Python. A client's learning rate is ``lr * lr_decay^n``
+where n counts the rounds it has trained before (the 3SFC code's per-client decay).
+
+The update ``Delta = w_K - w^t`` (descent direction, learning rate included) is compressed
+with the client's own compressor state; the client also reports its mean training loss
+and the compression efficiency ``cos(decoded, target)`` as telemetry outside the payload.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedmpi.compress import Compressor, Context, ModelSpec, Payload
+from fedmpi.config import Config
+from fedmpi.data import Normalizer
+from fedmpi.models import FlatModel
+
+TAG_BATCH = 201
+
+
+@dataclass
+class Shard:
+    """One client's training samples on the rank's device (storage dtype)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class ClientState:
+    """Everything a client carries between rounds; lives on the owning rank only."""
+
+    compressor: Any = None
+    rounds_trained: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientResult:
+    client: int
+    payload: Payload
+    train_loss: float
+    efficiency: float
+    num_samples: int
+    steps: int
+
+
+def batch_schedule(n: int, cfg: Config, round_: int, client: int) -> list[np.ndarray]:
+    """Index batches for one client's round: K steps, or E epochs of ceil(n / B) batches."""
+    c = cfg.client
+    rng = np.random.default_rng([cfg.run.seed, TAG_BATCH, round_, client])
+    b = min(c.batch_size, n)
+    if c.local_epochs > 0:
+        out = []
+        for _ in range(c.local_epochs):
+            perm = rng.permutation(n)
+            out += [perm[i:i + b] for i in range(0, n, b)]
+        return out
+    need = c.local_steps * b
+    stream = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])
+    return [stream[i * b:(i + 1) * b] for i in range(c.local_steps)]
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    den = float(a.norm()) * float(b.norm())
+    return float(torch.dot(a, b)) / den if den > 0 else 0.0
+
+
+class ClientGroup:
+    def __init__(self, cfg: Config, shards: dict[int, Shard], model: FlatModel,
+                 compressor: Compressor, spec: ModelSpec, normalizer: Normalizer):
+        self.cfg = cfg
+        self.shards = shards
+        self.model = model
+        self.compressor = compressor
+        self.spec = spec
+        self.normalize = normalizer
+        self.states = {cid: ClientState(compressor.init_state(cid)) for cid in shards}
+        self.global_params = torch.zeros_like(model.params)
+        self.time_train = 0.0
+        self.time_encode = 0.0
+
+    @property
+    def clients(self) -> list[int]:
+        return sorted(self.shards)
+
+    def set_global(self, flat: torch.Tensor) -> None:
+        self.global_params.copy_(flat)
+
+    def local_train(self, cid: int, round_: int) -> tuple[torch.Tensor, float, int]:
+        """Train client ``cid`` from w^t; returns (update, mean loss, steps)."""
+        c = self.cfg.client
+        shard, state, model = self.shards[cid], self.states[cid], self.model
+        lr = c.lr * c.lr_decay ** state.rounds_trained
+        model.load(self.global_params)
+        params, grad = model.params, model.grad
+        momentum = torch.zeros_like(params) if c.momentum > 0 else None
+        batches = batch_schedule(len(shard), self.cfg, round_, cid)
+        loss_sum = torch.zeros((), device=params.device)
+        for idx in batches:
+            index = torch.from_numpy(idx).to(shard.x.device)
+            xb, yb = self.normalize(shard.x[index]), shard.y[index]
+            model.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            loss_sum += loss.detach()
+            with torch.no_grad():
+                if c.grad_clip > 0:
+                    norm = grad.norm()
+                    grad.mul_(torch.clamp(c.grad_clip / (norm + 1e-12), max=1.0))
+                if c.weight_decay > 0:
+                    grad.add_(params, alpha=c.weight_decay)
+                step = grad
+                if momentum is not None:
+                    step = momentum.mul_(c.momentum).add_(grad)
+                params.add_(step, alpha=-lr)
+        state.rounds_trained += 1
+        update = params - self.global_params
+        return update, float(loss_sum) / len(batches), len(batches)
+
+    def run_round(self, round_: int, participants: list[int]) -> list[ClientResult]:
+        """Train and encode this group's participating clients, in client-id order."""
+        results = []
+        for cid in self.clients:
+            if cid not in participants:
+                continue
+            t0 = time.perf_counter()
+            update, loss, steps = self.local_train(cid, round_)
+            t1 = time.perf_counter()
+            ctx = Context(round=round_, client=cid, seed=self.cfg.run.seed, spec=self.spec,
+                          global_params=self.global_params, model=self.model)
+            state = self.states[cid]
+            payload, state.compressor, decoded, target = self.compressor.compress(
+                update, state.compressor, ctx)
+            eff = cosine(decoded, target)
+            t2 = time.perf_counter()
+            self.time_train += t1 - t0
+            self.time_encode += t2 - t1
+            results.append(ClientResult(cid, payload, loss, eff, len(self.shards[cid]), steps))
+        return results

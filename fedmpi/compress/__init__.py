@@ -1,0 +1,31 @@
+"""Compressors: one module per method, registered here by config name.
+
+``build(cfg.compressor, spec)`` returns the configured compressor, wrapped in
+:class:`~fedmpi.compress.base.ErrorFeedback` when ``compressor.ef = true``.
+"""
+
+from __future__ import annotations
+
+from fedmpi.compress.base import (
+    Compressor,
+    Context,
+    EFState,
+    ErrorFeedback,
+    ModelSpec,
+    Payload,
+)
+from fedmpi.compress.identity import Identity
+
+REGISTRY: dict[str, type[Compressor]] = {cls.name: cls for cls in (Identity,)}
+
+
+def build(cfg, spec: ModelSpec) -> Compressor:
+    """The compressor named by a :class:`fedmpi.config.CompressorConfig`."""
+    cls = REGISTRY[cfg.name]
+    params = cfg.params if cfg.params is not None else cls.Config()
+    comp = cls(params, spec)
+    return ErrorFeedback(comp) if cfg.ef else comp
+
+
+__all__ = ["REGISTRY", "Compressor", "Context", "EFState", "ErrorFeedback", "ModelSpec",
+           "Payload", "build"]

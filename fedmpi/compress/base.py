@@ -1,0 +1,198 @@
+"""The compressor interface: ``Payload`` (the wire format), ``Compressor``, ``ErrorFeedback``.
+
+A compressor is a pair of pure functions with explicit state (fedjax style):
+
+* ``encode(update, state, ctx) -> (payload, state)`` on the client that owns ``state``;
+* ``decode(payload, ctx) -> update`` on the server (and on the client, for error feedback
+  and for the compression-efficiency telemetry).
+
+``update`` is the flat fp32 vector ``w_local - w_global`` (descent direction, learning
+rate included) on the rank's device. A :class:`Payload` is an ordered set of named flat
+numpy arrays; ``Payload.nbytes`` is exactly the number of bytes that go on the wire, and
+:meth:`Payload.to_bytes` / :meth:`Compressor.parse` turn it into one contiguous byte buffer
+and back with no header and no padding. The server only ever sees bytes: it calls
+``parse`` and then ``decode``. A compressor whose layout varies from round to round (STC's
+Golomb stream, say) puts the lengths it needs into its own counted fields.
+
+Error feedback is one wrapper (:class:`ErrorFeedback`) around any compressor, never code
+inside one: ``u = update + e;  m = C(u);  e <- u - D(m)``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Payload:
+    """Named flat arrays in wire order. ``nbytes`` is exactly what is sent."""
+
+    fields: dict[str, np.ndarray]
+
+    def __post_init__(self) -> None:
+        for name, arr in self.fields.items():
+            if not isinstance(arr, np.ndarray) or arr.ndim != 1:
+                raise TypeError(f"payload field {name!r} must be a flat numpy array")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.fields.values())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.fields[name]
+
+    def to_bytes(self) -> np.ndarray:
+        """One contiguous uint8 buffer: the fields' raw bytes back to back."""
+        if not self.fields:
+            return np.zeros(0, dtype=np.uint8)
+        return np.concatenate(
+            [np.ascontiguousarray(a).view(np.uint8).reshape(-1) for a in self.fields.values()])
+
+    @staticmethod
+    def from_bytes(buf: np.ndarray, spec: Sequence[tuple[str, Any, int]]) -> Payload:
+        """Split ``buf`` (uint8) into fields by ``spec`` = [(name, dtype, count), ...]."""
+        buf = np.asarray(buf, dtype=np.uint8).reshape(-1)
+        out, offset = {}, 0
+        for name, dtype, count in spec:
+            dt = np.dtype(dtype)
+            size = dt.itemsize * int(count)
+            if offset + size > buf.size:
+                raise ValueError(f"payload too short for field {name!r}: need "
+                                 f"{offset + size} bytes, have {buf.size}")
+            out[name] = buf[offset:offset + size].view(dt).copy()
+            offset += size
+        if offset != buf.size:
+            raise ValueError(f"payload has {buf.size - offset} trailing bytes")
+        return Payload(out)
+
+
+@dataclass
+class ModelSpec:
+    """What a compressor may know about the model it compresses updates of."""
+
+    d: int  #: number of parameters
+    shapes: list[tuple[int, ...]]  #: parameter tensor shapes, in flat order
+    input_shape: tuple[int, ...] = ()  #: one sample's input shape (3SFC synthesises inputs)
+    num_classes: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def sizes(self) -> list[int]:
+        return [int(np.prod(s)) if s else 1 for s in self.shapes]
+
+
+@dataclass
+class Context:
+    """Per call information: round, client, the model and its global weights w^t."""
+
+    round: int
+    client: int  #: client id (-1 for the server's own downlink encoding)
+    seed: int
+    spec: ModelSpec
+    global_params: torch.Tensor | None = None  #: flat w^t (3SFC decodes at w^t)
+    model: Any = None  #: a fedmpi.models.FlatModel replica, for model-based codecs
+
+    def numpy_rng(self, tag: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, tag, self.round, self.client + 1])
+
+    def torch_generator(self, tag: int) -> torch.Generator:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int(self.numpy_rng(tag).integers(0, 2**62)))
+        return g
+
+
+class Compressor(ABC):
+    """Base class. Subclasses set ``name`` and ``Config`` and implement the three methods."""
+
+    name: ClassVar[str]
+
+    @dataclass(frozen=True)
+    class Config:
+        """The compressor's own config keys ([compressor] table, beside name and ef)."""
+
+        def validate(self) -> None:
+            pass
+
+    def __init__(self, cfg: Any, spec: ModelSpec):
+        self.cfg = cfg
+        self.spec = spec
+
+    # state ----------------------------------------------------------------
+    def init_state(self, client: int) -> Any:
+        """Fresh per-client state (None for a stateless compressor)."""
+        return None
+
+    # the pair ---------------------------------------------------------------
+    @abstractmethod
+    def encode(self, update: torch.Tensor, state: Any, ctx: Context) -> tuple[Payload, Any]:
+        ...
+
+    @abstractmethod
+    def decode(self, payload: Payload, ctx: Context) -> torch.Tensor:
+        ...
+
+    @abstractmethod
+    def parse(self, buf: np.ndarray, ctx: Context) -> Payload:
+        """Rebuild the payload from its wire bytes alone."""
+        ...
+
+    # client entry point -----------------------------------------------------
+    def compress(self, update: torch.Tensor, state: Any, ctx: Context
+                 ) -> tuple[Payload, Any, torch.Tensor, torch.Tensor]:
+        """encode, plus what the client reports: ``(payload, state, decoded, target)``.
+
+        ``target`` is the vector the compressor tried to transmit (the update, plus the
+        residual under error feedback); ``cos(decoded, target)`` is the compression
+        efficiency.
+        """
+        payload, state = self.encode(update, state, ctx)
+        return payload, state, self.decode(payload, ctx), update
+
+    def dense_bytes(self) -> int:
+        return 4 * self.spec.d
+
+
+@dataclass
+class EFState:
+    residual: torch.Tensor
+    inner: Any = None
+
+
+class ErrorFeedback(Compressor):
+    """Error feedback around any compressor: ``u = update + e; m = C(u); e = u - D(m)``."""
+
+    def __init__(self, inner: Compressor):
+        super().__init__(inner.cfg, inner.spec)
+        self.inner = inner
+        self.name = f"ef({inner.name})"  # type: ignore[misc]
+
+    def init_state(self, client: int) -> EFState:
+        zeros = torch.zeros(self.spec.d, dtype=torch.float32, device=self.spec.device)
+        return EFState(residual=zeros, inner=self.inner.init_state(client))
+
+    def compress(self, update, state, ctx):
+        target = update + state.residual
+        payload, inner_state = self.inner.encode(target, state.inner, ctx)
+        decoded = self.inner.decode(payload, ctx)
+        new = EFState(residual=target - decoded, inner=inner_state)
+        return payload, new, decoded, target
+
+    def encode(self, update, state, ctx):
+        payload, new, _, _ = self.compress(update, state, ctx)
+        return payload, new
+
+    def decode(self, payload, ctx):
+        return self.inner.decode(payload, ctx)
+
+    def parse(self, buf, ctx):
+        return self.inner.parse(buf, ctx)
+
+    def dense_bytes(self) -> int:
+        return self.inner.dense_bytes()
+

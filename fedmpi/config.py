@@ -1,0 +1,396 @@
+"""Run configuration: frozen dataclasses per component, a TOML loader and ``--set`` overrides.
+
+Config is data. Every key a run accepts is a field below (or a field of the chosen
+compressor's own ``Config`` dataclass, see :mod:`fedmpi.compress`); unknown keys, wrong
+types and impossible values raise :class:`ConfigError` naming the key before any rank
+trains. The dataclass defaults *are* the embedded quickstart job (``jobs/quickstart.toml``
+holds the same values; a test keeps the two equal).
+
+The resolved config is serialised back to TOML (:func:`to_toml`) and stored in the run's
+HDF5 file, so a run can be reproduced from its output alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration problem, raised before training; ``key`` names the offending key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "quickstart"  #: output file is ``<out_dir>/<name>.h5``
+    rounds: int = 30  #: communication rounds
+    seed: int = 0  #: root of every random stream (partition, init, sampling, batches)
+    out_dir: str = "runs"  #: folder of the HDF5 run file
+    threads: int = 0  #: torch intra-op threads per rank; 0 = cores of the node / ranks on it
+    mpi_wait: Literal["sleep", "block"] = "sleep"  #: how a rank waits in a collective
+    mpi_poll_max_ms: float = 2.0  #: longest sleep between two polls of a pending collective
+    hdf5_swmr: bool = True  #: single-writer/multiple-reader mode (read while running)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  #: auto = cuda:(local_rank % n_gpus) if any
+
+    def validate(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "run.name", "must be a file name")
+        _positive(self, "run", "rounds")
+        _require(self.seed >= 0, "run.seed", f"must be >= 0 (got {self.seed})")
+        _require(self.threads >= 0, "run.threads", f"must be >= 0 (got {self.threads})")
+        _positive(self, "run", "mpi_poll_max_ms")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "synthetic"  #: synthetic | mnist (see fedmpi.data.DATASETS)
+    root: str = "data"  #: dataset folder; the FEDMPI_DATA_ROOT environment variable wins
+    download: bool = False  #: let torchvision download missing files (never silently)
+    partition: str = "natural"  #: natural (synthetic only) | iid | dirichlet
+    alpha: float = 1.0  #: Dirichlet concentration (smaller = more skewed)
+    num_clients: int = 10
+    # Synthetic(alpha, beta) of FedProx / LEAF (Li et al., MLSys 2020)
+    syn_alpha: float = 1.0  #: std of the per-client model means u_k ~ N(0, alpha)
+    syn_beta: float = 1.0  #: std of the per-client feature means B_k ~ N(0, beta)
+    syn_iid: bool = False  #: one shared model and feature mean (the IID variant)
+    syn_dim: int = 60  #: feature dimension
+    syn_classes: int = 10
+    syn_min_samples: int = 50  #: samples per client = lognormal(4, 2) + this ...
+    syn_max_samples: int = 1000  #: ... capped here (0 = no cap)
+    syn_test_frac: float = 0.2  #: per-client share held out for the global test set
+
+    def validate(self) -> None:
+        _positive(self, "data", "alpha")
+        _positive(self, "data", "num_clients")
+        _require(self.syn_alpha >= 0, "data.syn_alpha", "must be >= 0")
+        _require(self.syn_beta >= 0, "data.syn_beta", "must be >= 0")
+        _positive(self, "data", "syn_dim")
+        _require(self.syn_classes >= 2, "data.syn_classes", "must be >= 2")
+        _positive(self, "data", "syn_min_samples")
+        _require(self.syn_max_samples == 0 or self.syn_max_samples >= self.syn_min_samples,
+                 "data.syn_max_samples", "must be 0 or >= data.syn_min_samples")
+        _require(0.0 < self.syn_test_frac < 1.0, "data.syn_test_frac", "must be in (0, 1)")
+        _require(self.partition != "natural" or self.dataset == "synthetic", "data.partition",
+                 "'natural' is only defined for dataset 'synthetic'")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mlp"  #: mlp | logreg (see fedmpi.models.MODELS)
+    hidden: int = 200  #: width of the MLP's two hidden layers (the papers: 200)
+
+    def validate(self) -> None:
+        _positive(self, "model", "hidden")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    lr: float = 0.05
+    batch_size: int = 32
+    local_steps: int = 10  #: K SGD steps per round for every client (0 = use local_epochs)
+    local_epochs: int = 0  #: full passes over each client's own data (0 = use local_steps)
+    lr_decay: float = 1.0  #: a client's lr is multiplied by this each time it trains
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  #: clip the global gradient norm to this (0 = off)
+
+    def validate(self) -> None:
+        _positive(self, "client", "lr")
+        _positive(self, "client", "batch_size")
+        _require(self.local_steps >= 0, "client.local_steps", "must be >= 0")
+        _require(self.local_epochs >= 0, "client.local_epochs", "must be >= 0")
+        _require((self.local_steps > 0) != (self.local_epochs > 0), "client.local_steps",
+                 "exactly one of client.local_steps and client.local_epochs must be > 0 "
+                 f"(got {self.local_steps} and {self.local_epochs})")
+        _require(0.0 < self.lr_decay <= 1.0, "client.lr_decay", "must be in (0, 1]")
+        _require(0.0 <= self.momentum < 1.0, "client.momentum", "must be in [0, 1)")
+        _require(self.weight_decay >= 0, "client.weight_decay", "must be >= 0")
+        _require(self.grad_clip >= 0, "client.grad_clip", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class CompressorConfig:
+    name: str = "identity"  #: see fedmpi.compress.REGISTRY
+    ef: bool = False  #: wrap the compressor in error feedback (u = update + e; e = u - C(u))
+    params: Any = None  #: the compressor's own Config dataclass (its extra keys)
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    name: str = "none"  #: perturbation estimator (none; more come with fedmpi.sam)
+    rho: float = 0.05  #: SAM radius
+
+    def validate(self) -> None:
+        _require(self.name == "none", "sam.name", f"unknown estimator {self.name!r}; known: none")
+        _require(self.rho >= 0, "sam.rho", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    lr: float = 1.0  #: global learning rate: w <- w + lr * aggregate
+    aggregation: Literal["mean", "weighted"] = "mean"  #: uniform or sample-count weighted
+    participation: float = 1.0  #: fraction of clients sampled each round (>= 1 client)
+
+    def validate(self) -> None:
+        _positive(self, "server", "lr")
+        _require(0.0 < self.participation <= 1.0, "server.participation", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 1  #: evaluate the global model every N rounds (and always at the last)
+    sharpness_every: int = 0  #: sharpness metrics every N rounds (0 = never)
+    batch_size: int = 2048  #: evaluation batch size
+
+    def validate(self) -> None:
+        _positive(self, "eval", "every")
+        _require(self.sharpness_every >= 0, "eval.sharpness_every", "must be >= 0")
+        _positive(self, "eval", "batch_size")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    compressor: CompressorConfig = field(default_factory=CompressorConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        for f in fields(self):
+            getattr(self, f.name).validate()
+        _validate_names(self)
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig, "data": DataConfig, "model": ModelConfig, "client": ClientConfig,
+    "compressor": CompressorConfig, "sam": SamConfig, "server": ServerConfig, "eval": EvalConfig,
+}
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _positive(obj: Any, section: str, name: str) -> None:
+    value = getattr(obj, name)
+    _require(value > 0 and math.isfinite(value), f"{section}.{name}",
+             f"must be > 0 (got {value})")
+
+
+def _validate_names(cfg: Config) -> None:
+    from fedmpi import compress, data, models
+
+    _require(cfg.data.dataset in data.DATASETS, "data.dataset",
+             f"unknown dataset {cfg.data.dataset!r}; known: {', '.join(sorted(data.DATASETS))}")
+    _require(cfg.data.partition in data.PARTITIONS, "data.partition",
+             f"unknown partition {cfg.data.partition!r}; "
+             f"known: {', '.join(sorted(data.PARTITIONS))}")
+    _require(cfg.model.name in models.MODELS, "model.name",
+             f"unknown model {cfg.model.name!r}; known: {', '.join(sorted(models.MODELS))}")
+    _require(cfg.compressor.name in compress.REGISTRY, "compressor.name",
+             f"unknown compressor {cfg.compressor.name!r}; "
+             f"known: {', '.join(sorted(compress.REGISTRY))}")
+    params = cfg.compressor.params
+    if params is not None and hasattr(params, "validate"):
+        params.validate()
+
+
+# ---------------------------------------------------------------------------- typing
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to ``tp`` (int -> float only), or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        _require(value in choices, key, f"must be one of {', '.join(map(repr, choices))} "
+                 f"(got {value!r})")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(value, args[0], key)
+    if origin in (tuple, list):
+        _require(isinstance(value, (list, tuple)), key, f"must be a list (got {value!r})")
+        (elem, *_rest) = typing.get_args(tp) or (Any,)
+        return tuple(_check_type(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _require(ok, key, f"must be a number (got {type(value).__name__} {value!r})")
+        return float(value)
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        _require(ok, key, f"must be an integer (got {type(value).__name__} {value!r})")
+        return value
+    if tp is bool:
+        _require(isinstance(value, bool), key,
+                 f"must be true or false (got {type(value).__name__} {value!r})")
+        return value
+    if tp is str:
+        _require(isinstance(value, str), key,
+                 f"must be a string (got {type(value).__name__} {value!r})")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in a dataclass
+
+
+def build(cls: type, table: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass ``cls`` from a TOML table, checking keys and types."""
+    _require(isinstance(table, dict), prefix, "must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.init}
+    for k in table:
+        if k not in known:
+            raise ConfigError(f"{prefix}.{k}", f"unknown key; known keys of [{prefix}]: "
+                              f"{', '.join(sorted(known))}")
+    kwargs = {k: _check_type(v, hints[k], f"{prefix}.{k}") for k, v in table.items()}
+    return cls(**kwargs)
+
+
+def _build_compressor(table: dict[str, Any]) -> CompressorConfig:
+    from fedmpi import compress
+
+    table = dict(table)
+    name = table.pop("name", CompressorConfig.name)
+    _require(isinstance(name, str), "compressor.name", "must be a string")
+    _require(name in compress.REGISTRY, "compressor.name",
+             f"unknown compressor {name!r}; known: {', '.join(sorted(compress.REGISTRY))}")
+    ef = _check_type(table.pop("ef", CompressorConfig.ef), bool, "compressor.ef")
+    _require("params" not in table, "compressor.params", "unknown key")
+    params = build(compress.REGISTRY[name].Config, table, "compressor")
+    return CompressorConfig(name=name, ef=ef, params=params)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a parsed TOML document."""
+    for k in raw:
+        if k not in SECTIONS:
+            raise ConfigError(k, f"unknown section; known sections: {', '.join(SECTIONS)}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        table = raw.get(name, {})
+        _require(isinstance(table, dict), name, "must be a table ([section])")
+        sections[name] = _build_compressor(table) if name == "compressor" else build(
+            cls, table, name)
+    cfg = Config(**sections)
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"client.lr=0.05"`` -> (["client", "lr"], 0.05); a bare word is a string."""
+    if "=" not in item:
+        raise ConfigError(item, "--set takes KEY=VALUE, e.g. --set client.lr=0.05")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(key, "--set keys are SECTION.KEY, e.g. client.lr")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def load(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a TOML file (None = the embedded default), apply ``--set`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(path, "config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(path, f"TOML syntax error: {exc}") from None
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}.{key}", f"--set on unknown section [{section}]")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(section, "must be a table")
+        raw[section][key] = value
+    for item in overrides:  # an override must name an existing key
+        (section, key), _ = parse_override(item)
+        if section != "compressor" and key not in {f.name for f in fields(SECTIONS[section])}:
+            raise ConfigError(f"{section}.{key}", "--set on a key that does not exist")
+    return from_dict(raw)
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for f in fields(cfg):
+        section = getattr(cfg, f.name)
+        table = {k: v for k, v in dataclasses.asdict(section).items() if k != "params"}
+        if isinstance(section, CompressorConfig) and section.params is not None:
+            table.update(dataclasses.asdict(section.params))
+        out[f.name] = {k: v for k, v in table.items() if v is not None}
+    return out
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML text; ``from_dict(tomllib.loads(to_toml(c))) == c``."""
+    lines = []
+    for section, table in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def loads(text: str) -> Config:
+    return from_dict(tomllib.loads(text))

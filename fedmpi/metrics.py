@@ -1,0 +1,170 @@
+"""The HDF5 run file: writer (rank 0 only) and reader (analysis scripts, tests).
+
+Layout (DESIGN.md):
+
+* root attributes: ``fedmpi_version``, ``git_commit``, ``mpi_size``, ``start_time``,
+  ``config`` (the resolved config as TOML text), ``dense_bytes``, ``num_params``, and
+  ``complete = True`` written last, after the final row (absent on a crashed run);
+* ``/rounds/<metric>``: 1-D, one row per round (:data:`ROUND_METRICS`);
+* ``/clients/<metric>``: 2-D, round x client (:data:`CLIENT_METRICS`);
+* ``/partition``: clients x classes training-sample counts.
+
+Every dataset is declared up front, then the file switches to SWMR mode (readable by
+other processes while the run is going) and every row is flushed as it is written. A
+file whose writer died in SWMR mode opens only in SWMR read mode; :func:`open_run` tries
+a normal open and falls back to that, so a crashed run stays readable.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+import fedmpi
+from fedmpi.config import Config, loads, to_toml
+
+#: per-round scalars: name -> dtype (floats are NaN where a metric is not computed)
+ROUND_METRICS: dict[str, str] = {
+    "round": "i8", "wall_time": "f8", "test_acc": "f8", "test_loss": "f8", "train_loss": "f8",
+    "participants": "i8",
+    "uplink_bytes": "i8", "uplink_payload_bytes": "i8",
+    "downlink_bytes": "i8", "downlink_payload_bytes": "i8", "meta_bytes": "i8",
+    "compression_ratio_up": "f8", "compression_ratio_down": "f8", "efficiency_mean": "f8",
+    "time_round": "f8", "time_train": "f8", "time_encode": "f8", "time_comm": "f8",
+    "time_decode": "f8", "time_eval": "f8",
+    "sharpness_lmax": "f8", "sharpness_trace": "f8", "sharpness_sam": "f8",
+}
+
+#: per-round, per-client values: name -> dtype
+CLIENT_METRICS: dict[str, str] = {
+    "participation": "i1", "train_loss": "f8", "uplink_bytes": "i8", "efficiency": "f8",
+    "steps": "i8",
+}
+
+
+def git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(fedmpi.__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _fill(dtype: str) -> Any:
+    return np.nan if dtype.startswith("f") else 0
+
+
+class RunWriter:
+    """Appends one row per round to ``path``; ``close()`` marks the run complete."""
+
+    def __init__(self, path: str, cfg: Config, mpi_size: int, num_clients: int,
+                 partition: np.ndarray, attrs: dict[str, Any] | None = None,
+                 swmr: bool = True):
+        self.path = path
+        self.num_clients = num_clients
+        self.rows = 0
+        self.f = h5py.File(path, "w", libver="latest")
+        a = self.f.attrs
+        a["fedmpi_version"] = fedmpi.__version__
+        a["git_commit"] = git_commit()
+        a["mpi_size"] = mpi_size
+        a["start_time"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        a["config"] = to_toml(cfg)
+        a["num_clients"] = num_clients
+        for k, v in (attrs or {}).items():
+            a[k] = v
+        g = self.f.create_group("rounds")
+        for name, dt in ROUND_METRICS.items():
+            g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(256,),
+                             fillvalue=_fill(dt))
+        g = self.f.create_group("clients")
+        chunk = (max(1, min(64, 65536 // max(1, num_clients))), num_clients)
+        for name, dt in CLIENT_METRICS.items():
+            g.create_dataset(name, shape=(0, num_clients), maxshape=(None, num_clients),
+                             dtype=dt, chunks=chunk, fillvalue=_fill(dt))
+        self.f.create_dataset("partition", data=np.asarray(partition, dtype=np.int64))
+        self.f.flush()
+        if swmr:
+            self.f.swmr_mode = True
+
+    def append(self, row: dict[str, Any], clients: dict[str, np.ndarray]) -> None:
+        unknown = set(row) - set(ROUND_METRICS) | set(clients) - set(CLIENT_METRICS)
+        if unknown:
+            raise KeyError(f"metrics not declared in the run file schema: {sorted(unknown)}")
+        n = self.rows + 1
+        for name, dt in ROUND_METRICS.items():
+            ds = self.f["rounds"][name]
+            ds.resize((n,))
+            ds[n - 1] = row.get(name, _fill(dt))
+        for name, dt in CLIENT_METRICS.items():
+            ds = self.f["clients"][name]
+            ds.resize((n, self.num_clients))
+            ds[n - 1] = clients.get(name, np.full(self.num_clients, _fill(dt)))
+        self.rows = n
+        self.f.flush()
+
+    def close(self, complete: bool) -> None:
+        """Close the file; with ``complete``, reopen it outside SWMR and set ``complete``."""
+        if self.f:
+            self.f.close()
+            self.f = None
+        if complete:
+            with h5py.File(self.path, "r+", libver="latest") as f:
+                f.attrs["complete"] = True
+
+
+@dataclass
+class Run:
+    """A run file read into memory."""
+
+    path: str
+    attrs: dict[str, Any]
+    rounds: dict[str, np.ndarray]
+    clients: dict[str, np.ndarray]
+    partition: np.ndarray
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete", False))
+
+    @property
+    def config(self) -> Config:
+        return loads(self.attrs["config"])
+
+    def __len__(self) -> int:
+        return int(self.rounds["round"].shape[0])
+
+
+def _open(path: str) -> h5py.File:
+    try:
+        return h5py.File(path, "r", libver="latest")
+    except OSError:
+        # written in SWMR mode and still open, or its writer crashed: SWMR read works
+        return h5py.File(path, "r", libver="latest", swmr=True)
+
+
+def open_run(path: str) -> Run:
+    """Read a run file, finished, running or crashed."""
+    with _open(path) as f:
+        def read(group: str) -> dict[str, np.ndarray]:
+            out = {}
+            for name, ds in f[group].items():
+                if f.swmr_mode:
+                    ds.refresh()
+                out[name] = ds[()]
+            return out
+
+        rounds, clients = read("rounds"), read("clients")
+        n = min(len(v) for v in rounds.values())  # a live writer may be mid-row
+        rounds = {k: v[:n] for k, v in rounds.items()}
+        clients = {k: v[:n] for k, v in clients.items()}
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        return Run(path, attrs, rounds, clients, f["partition"][()])

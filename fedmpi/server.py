@@ -1,0 +1,111 @@
+"""The server half of a round: downlink, decode, aggregate, server step, evaluate.
+
+Aggregation runs in client-id order whatever the number of ranks, so a run's numbers do
+not depend on how clients were spread over ranks:
+
+* ``mean``:     Delta = (1/|P|) sum_{i in P} D(m_i)            (3SFC, FedAvg-as-practised)
+* ``weighted``: Delta = sum_{i in P} n_i D(m_i) / sum_{i in P} n_i   (FedAvg paper)
+
+then ``w^{t+1} = w^t + server.lr * Delta``.
+
+The downlink of a plain round is the dense global model (``DenseDownlink``: field
+``model``, 4 d bytes); every client rank sets its replica to it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedmpi.compress import Compressor, Context, ModelSpec, Payload
+from fedmpi.config import Config
+from fedmpi.data import ArrayDataset, Normalizer
+from fedmpi.models import FlatModel
+
+TAG_SAMPLE = 301
+
+
+def sample_participants(cfg: Config, round_: int) -> list[int]:
+    """Clients of round ``round_``: a uniform subset of round(participation * N) >= 1."""
+    n = cfg.data.num_clients
+    if cfg.server.participation >= 1.0:
+        return list(range(n))
+    k = max(1, int(round(cfg.server.participation * n)))
+    rng = np.random.default_rng([cfg.run.seed, TAG_SAMPLE, round_])
+    return sorted(int(i) for i in rng.choice(n, size=k, replace=False))
+
+
+class DenseDownlink:
+    """The global model as fp32: 4 d bytes per broadcast."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+
+    def nbytes(self) -> int:
+        return 4 * self.spec.d
+
+    def encode(self, global_params: torch.Tensor) -> Payload:
+        return Payload({"model": global_params.detach().to(torch.float32).cpu().numpy()})
+
+    def parse(self, buf: np.ndarray) -> Payload:
+        return Payload.from_bytes(buf, [("model", np.float32, self.spec.d)])
+
+    def apply(self, payload: Payload, replica: torch.Tensor) -> None:
+        replica.copy_(torch.from_numpy(payload["model"]))
+
+
+class Server:
+    def __init__(self, cfg: Config, model: FlatModel, compressor: Compressor, spec: ModelSpec,
+                 test: ArrayDataset, normalizer: Normalizer):
+        self.cfg = cfg
+        self.model = model  # model.params is the authoritative global model w^t
+        self.compressor = compressor
+        self.spec = spec
+        device = model.device
+        self.test_x = torch.from_numpy(test.x).to(device)
+        self.test_y = torch.from_numpy(test.y).to(device)
+        self.normalize = normalizer
+
+    @property
+    def params(self) -> torch.Tensor:
+        return self.model.params
+
+    def decode(self, round_: int, clients: list[int], sizes: list[int], buf: np.ndarray
+               ) -> dict[int, torch.Tensor]:
+        """Split the gathered bytes by ``sizes`` (clients in wire order) and decode each."""
+        out, offset = {}, 0
+        for cid, size in zip(clients, sizes):
+            ctx = Context(round=round_, client=cid, seed=self.cfg.run.seed, spec=self.spec,
+                          global_params=self.params, model=self.model)
+            payload = self.compressor.parse(buf[offset:offset + size], ctx)
+            out[cid] = self.compressor.decode(payload, ctx)
+            offset += size
+        if offset != buf.size:
+            raise RuntimeError(f"round {round_}: {buf.size - offset} undecoded uplink bytes")
+        return out
+
+    def aggregate(self, updates: dict[int, torch.Tensor], num_samples: dict[int, int]) -> None:
+        """w <- w + server.lr * (mean or sample-weighted mean), summed in client-id order."""
+        clients = sorted(updates)
+        if self.cfg.server.aggregation == "weighted":
+            total = float(sum(num_samples[c] for c in clients))
+            weights = [num_samples[c] / total for c in clients]
+        else:
+            weights = [1.0 / len(clients)] * len(clients)
+        agg = torch.zeros_like(self.params)
+        for cid, w in zip(clients, weights):
+            agg.add_(updates[cid], alpha=w)
+        self.params.add_(agg, alpha=self.cfg.server.lr)
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy) of the global model on the test set, batched."""
+        bs = self.cfg.eval.batch_size
+        correct, loss_sum, n = 0, 0.0, int(self.test_y.shape[0])
+        for i in range(0, n, bs):
+            logits = self.model(self.normalize(self.test_x[i:i + bs]))
+            y = self.test_y[i:i + bs]
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+        return correct / n, loss_sum / n

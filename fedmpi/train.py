@@ -1,0 +1,311 @@
+"""Entry point: ``python -m fedmpi.train [config.toml] [--set section.key=value ...]``.
+
+Run it with any number of MPI processes (``mpiexec -n P python -m fedmpi.train ...``):
+rank 0 is the server; ranks 1..P-1 own the clients (with one process, rank 0 owns them
+too, over the same code path). Read top to bottom:
+
+1. every rank loads and validates the config (errors name the key; exit status 2);
+2. rank 0 loads the dataset, partitions it and sends each client rank its clients' shards;
+3. each round: rank 0 samples the participants and broadcasts a header and the downlink
+   payload; client ranks train and encode their participating clients; a Gather of
+   per-rank records (payload sizes, telemetry) and a Gatherv of the raw payload bytes
+   bring everything to rank 0, which decodes, aggregates in client-id order, evaluates and
+   appends one HDF5 row;
+4. rank 0 marks the run file complete and prints a summary.
+
+An unexpected exception on any rank prints that rank's traceback and aborts the whole
+job (MPI_Abort), so no rank waits forever in a collective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from fedmpi import compress, config, data, layout, metrics
+from fedmpi.client import ClientGroup, Shard
+from fedmpi.comm import SERVER, Transport, finalize_and_exit
+from fedmpi.compress import ModelSpec
+from fedmpi.models import FlatModel, build_module
+from fedmpi.server import DenseDownlink, Server, sample_participants
+
+TAG_INIT = 401
+HEADER = 4  # round, stop flag, downlink bytes, participants; then a 0/1 mask per client
+SLOT = 7  # per owned client: id, participated, payload bytes, loss, efficiency, n, steps
+USER_ERRORS = (config.ConfigError, data.DataError, FileExistsError, PermissionError)
+
+
+class StopRun(Exception):
+    """A user error found on some rank(s) during setup; every rank stops with exit code 2."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fedmpi.train", description=__doc__.split(
+        "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="TOML run file (default: the embedded "
+                   "quickstart job, jobs/quickstart.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run file")
+    p.add_argument("--quiet", action="store_true", help="no per-round lines")
+    return p.parse_args(argv)
+
+
+def on_server(t: Transport, fn):
+    """Run ``fn`` on rank 0 only; a user error there stops every rank."""
+    result, error = None, None
+    if t.is_server:
+        try:
+            result = fn()
+        except USER_ERRORS as exc:
+            error = exc
+    if not t.agree(error is None):
+        raise StopRun(str(error) if error else "")
+    return result
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} GB"
+
+
+def output_path(cfg: config.Config, overwrite: bool) -> str:
+    os.makedirs(cfg.run.out_dir, exist_ok=True)
+    if not os.access(cfg.run.out_dir, os.W_OK):
+        raise PermissionError(f"run.out_dir: {os.path.abspath(cfg.run.out_dir)} is not writable")
+    path = os.path.join(cfg.run.out_dir, f"{cfg.run.name}.h5")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"run.name: {path} exists; pass --overwrite to replace it or "
+                              "choose another run.name")
+    return path
+
+
+def distribute_shards(t: Transport, loaded, parts, owners, device) -> dict[int, Shard]:
+    """Rank 0 sends every client rank the samples of its clients; returns this rank's."""
+    mine: dict[int, Shard] = {}
+    if t.is_server:
+        for r, cids in owners.items():
+            arrays = []
+            for cid in cids:
+                arrays += [loaded.train.x[parts[cid]], loaded.train.y[parts[cid]]]
+            if r == SERVER:
+                got = arrays
+            else:
+                t.send_arrays(r, arrays)
+    elif t.rank in owners:
+        got = t.recv_arrays(SERVER)
+    if t.rank in owners:
+        for i, cid in enumerate(owners[t.rank]):
+            x, y = got[2 * i], got[2 * i + 1]
+            mine[cid] = Shard(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+    return mine
+
+
+def run(args: argparse.Namespace, t: Transport) -> int:
+    # 1. config, device, threads -----------------------------------------------------
+    cfg = config.load(args.config, args.overrides)
+    t.wait_mode, t.poll_max = cfg.run.mpi_wait, cfg.run.mpi_poll_max_ms / 1000.0
+    ranks = layout.client_ranks(t.size)
+    if len(ranks) > cfg.data.num_clients:
+        raise config.ConfigError("data.num_clients", f"{len(ranks)} client ranks but only "
+                                 f"{cfg.data.num_clients} clients; run with at most "
+                                 f"{cfg.data.num_clients + 1} processes")
+    t.set_client_ranks(ranks)
+    device = layout.pick_device(cfg.run.device, t.local_rank)
+    torch.set_num_threads(layout.thread_count(cfg.run.threads, t.local_size))
+    info = data.info(cfg.data)
+    path = on_server(t, lambda: output_path(cfg, args.overwrite))
+
+    # 2. data: load and partition on rank 0, shards to their owners ---------------------
+    def load_and_split():
+        loaded = data.load(cfg)
+        return loaded, data.partition(loaded, cfg)
+
+    loaded, parts = on_server(t, load_and_split) or (None, None)
+    sizes = t.bcast_object([len(p) for p in parts] if t.is_server else None)
+    owners = layout.assign_clients(sizes, ranks)
+    shards = distribute_shards(t, loaded, parts, owners, device)
+    max_slots = max(len(c) for c in owners.values())
+
+    module = build_module(cfg.model, info.input_shape, info.num_classes,
+                          seed=int(np.random.default_rng([cfg.run.seed, TAG_INIT]).integers(
+                              2**31)))
+    model = FlatModel(module, device)
+    spec = ModelSpec(d=model.d, shapes=model.shapes, input_shape=info.input_shape,
+                     num_classes=info.num_classes, device=device)
+    compressor = compress.build(cfg.compressor, spec)
+    normalizer = data.Normalizer(info, device)
+    downlink = DenseDownlink(spec)
+    group = (ClientGroup(cfg, shards, FlatModel(build_module(
+        cfg.model, info.input_shape, info.num_classes, seed=0), device), compressor, spec,
+        normalizer) if t.rank in owners else None)
+
+    server = writer = None
+    if t.is_server:
+        server = Server(cfg, model, compressor, spec, loaded.test, normalizer)
+        counts = data.class_counts(loaded.train.y, parts, info.num_classes)
+        del loaded  # rank 0 keeps only the test split (and its own shards, if any)
+        writer = metrics.RunWriter(path, cfg, t.size, cfg.data.num_clients, counts,
+                                   attrs={"num_params": model.d,
+                                          "dense_bytes": compressor.dense_bytes(),
+                                          "owners": str(owners)},
+                                   swmr=cfg.run.hdf5_swmr)
+        print(f"fedmpi: {cfg.run.name}: {cfg.data.dataset} / {cfg.model.name} "
+              f"(d = {model.d:,}), {cfg.data.num_clients} clients on {len(ranks)} client "
+              f"rank(s), compressor {compressor.name}, {cfg.run.rounds} rounds -> {path}",
+              flush=True)
+
+    # 3. rounds ------------------------------------------------------------------------
+    header = np.zeros(HEADER + cfg.data.num_clients, dtype=np.int64)
+    history = []
+    start = time.perf_counter()
+    for rnd in range(cfg.run.rounds):
+        t0 = time.perf_counter()
+        t.reset_counters()
+        if t.is_server:
+            participants = sample_participants(cfg, rnd)
+            down = downlink.encode(server.params).to_bytes()
+            header[:HEADER] = (rnd, 0, down.size, len(participants))
+            header[HEADER:] = 0
+            header[HEADER + np.asarray(participants)] = 1
+        t.bcast_header(header)
+        participants = [int(i) for i in np.flatnonzero(header[HEADER:])]
+        if not t.is_server:
+            down = np.empty(int(header[2]), dtype=np.uint8)
+        t.bcast_payload(down)
+
+        record = np.zeros(2 + max_slots * SLOT, dtype=np.float64)
+        send = np.zeros(0, dtype=np.uint8)
+        if group is not None:
+            downlink.apply(downlink.parse(down), group.global_params)
+            group.time_train = group.time_encode = 0.0
+            results = group.run_round(rnd, participants)
+            record[:2] = group.time_train, group.time_encode
+            for i, r in enumerate(results):
+                record[2 + i * SLOT:2 + (i + 1) * SLOT] = (
+                    r.client, 1, r.payload.nbytes, r.train_loss, r.efficiency,
+                    r.num_samples, r.steps)
+            if results:
+                send = np.concatenate([r.payload.to_bytes() for r in results])
+        table = t.gather_meta(record)
+        counts = table[:, 2:].reshape(t.size, max_slots, SLOT)[:, :, 2].sum(1).astype(
+            np.int64) if t.is_server else np.zeros(t.size, dtype=np.int64)
+        gathered = t.gatherv_payloads(send, counts if t.is_server else _counts_of(t, send))
+
+        if not t.is_server:
+            continue
+        # ---- server: decode, aggregate, evaluate, write --------------------------------
+        slots = table[:, 2:].reshape(-1, SLOT)
+        slots = slots[slots[:, 1] == 1]  # wire order: by rank, then client id
+        wire = [int(c) for c in slots[:, 0]]
+        sizes = [int(s) for s in slots[:, 2]]
+        t1 = time.perf_counter()
+        updates = server.decode(rnd, wire, sizes, gathered)
+        server.aggregate(updates, {int(s[0]): int(s[5]) for s in slots})
+        t2 = time.perf_counter()
+        last = rnd == cfg.run.rounds - 1
+        acc = loss = float("nan")
+        if (rnd + 1) % cfg.eval.every == 0 or last:
+            acc, loss = server.evaluate()
+        t3 = time.perf_counter()
+
+        c = t.counters
+        n = cfg.data.num_clients
+        per_client = {k: np.zeros(n, dtype=dt) for k, dt in
+                      (("participation", np.int8), ("uplink_bytes", np.int64),
+                       ("steps", np.int64))}
+        per_client["train_loss"] = np.full(n, np.nan)
+        per_client["efficiency"] = np.full(n, np.nan)
+        for s in slots:
+            cid = int(s[0])
+            per_client["participation"][cid] = 1
+            per_client["uplink_bytes"][cid] = int(s[2])
+            per_client["train_loss"][cid] = s[3]
+            per_client["efficiency"][cid] = s[4]
+            per_client["steps"][cid] = int(s[6])
+        receivers = len(ranks)
+        per_broadcast = c.downlink / receivers if receivers else down.size
+        time_train = float(table[:, 0].max())
+        time_encode = float(table[:, 1].max())
+        round_time = time.perf_counter() - t0
+        row = {
+            "round": rnd, "wall_time": time.perf_counter() - start,
+            "test_acc": acc, "test_loss": loss,
+            "train_loss": float(np.mean(slots[:, 3])), "participants": len(wire),
+            "uplink_bytes": c.uplink, "uplink_payload_bytes": int(sum(sizes)),
+            "downlink_bytes": c.downlink, "downlink_payload_bytes": down.size * len(wire),
+            "meta_bytes": c.meta,
+            "compression_ratio_up": compressor.dense_bytes() * len(wire) / max(1, c.uplink),
+            "compression_ratio_down": 4 * model.d / max(1.0, per_broadcast),
+            "efficiency_mean": float(np.mean(slots[:, 4])),
+            "time_round": round_time, "time_train": time_train, "time_encode": time_encode,
+            "time_decode": t2 - t1, "time_eval": t3 - t2,
+            "time_comm": max(0.0, round_time - time_train - time_encode - (t3 - t1)),
+        }
+        writer.append(row, per_client)
+        history.append(row)
+        if not args.quiet:
+            print(f"round {rnd + 1:4d}/{cfg.run.rounds}  acc {acc:.4f}  loss {loss:.4f}  "
+                  f"train {row['train_loss']:.4f}  up {fmt_bytes(c.uplink)} "
+                  f"(x{row['compression_ratio_up']:.1f})  down {fmt_bytes(c.downlink)}  "
+                  f"{round_time:.2f} s", flush=True)
+
+    # 4. finish -------------------------------------------------------------------------
+    if t.is_server:
+        writer.close(complete=True)
+        print_summary(cfg, history, path)
+    t.barrier()
+    return 0
+
+
+def _counts_of(t: Transport, send: np.ndarray) -> np.ndarray:
+    """Non-root ranks only need their own count to be right in the Gatherv call."""
+    counts = np.zeros(t.size, dtype=np.int64)
+    counts[t.rank] = send.size
+    return counts
+
+
+def print_summary(cfg: config.Config, history: list[dict], path: str) -> None:
+    accs = [h["test_acc"] for h in history if not np.isnan(h["test_acc"])]
+    up = sum(h["uplink_bytes"] for h in history)
+    down = sum(h["downlink_bytes"] for h in history)
+    total = history[-1]["wall_time"] if history else 0.0
+    phases = {k: sum(h[f"time_{k}"] for h in history)
+              for k in ("train", "encode", "comm", "decode", "eval")}
+    split = "  ".join(f"{k} {v:.1f}s" for k, v in phases.items())
+    print(f"done: {cfg.run.name}: final acc {accs[-1]:.4f} (best {max(accs):.4f}), "
+          f"uplink {fmt_bytes(up)}, downlink {fmt_bytes(down)}, "
+          f"{len(history)} rounds in {total:.1f} s ({total / max(1, len(history)):.2f} s/round:"
+          f" {split}) -> {path}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    t = Transport()
+    try:
+        code = run(args, t)
+    except (StopRun, *USER_ERRORS) as exc:
+        if t.is_server and str(exc):
+            print(f"fedmpi: error: {exc}", file=sys.stderr, flush=True)
+        code = 2
+    except BaseException:
+        sys.stderr.write(f"fedmpi: rank {t.rank} of {t.size} failed:\n"
+                         + traceback.format_exc())
+        sys.stderr.flush()
+        if t.size > 1:
+            t.abort(1)
+        code = 1
+    finalize_and_exit(code)
+
+
+if __name__ == "__main__":
+    main()
