@@ -27,6 +27,7 @@ from fedmpi.compress import Compressor, Context, ModelSpec, Payload
 from fedmpi.config import Config
 from fedmpi.data import Normalizer
 from fedmpi.models import FlatModel
+from fedmpi.sam import Estimator
 
 TAG_BATCH = 201
 
@@ -84,8 +85,10 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 class ClientGroup:
     def __init__(self, cfg: Config, shards: dict[int, Shard], model: FlatModel,
-                 compressor: Compressor, spec: ModelSpec, normalizer: Normalizer):
+                 compressor: Compressor, spec: ModelSpec, normalizer: Normalizer,
+                 estimator: Estimator):
         self.cfg = cfg
+        self.estimator = estimator
         self.shards = shards
         self.model = model
         self.compressor = compressor
@@ -113,14 +116,22 @@ class ClientGroup:
         momentum = torch.zeros_like(params) if c.momentum > 0 else None
         batches = batch_schedule(len(shard), self.cfg, round_, cid)
         loss_sum = torch.zeros((), device=params.device)
-        for idx in batches:
+        est = self.estimator
+        est.begin_client(cid, state, self.global_params, round_)
+        for k, idx in enumerate(batches):
             index = torch.from_numpy(idx).to(shard.x.device)
             xb, yb = self.normalize(shard.x[index]), shard.y[index]
+            eps = est.perturbation(model, xb, yb, k)
+            if eps is not None:
+                params.add_(eps)  # the gradient is taken at the perturbed point w + eps
             model.zero_grad()
             loss = F.cross_entropy(model(xb), yb)
             loss.backward()
             loss_sum += loss.detach()
             with torch.no_grad():
+                if eps is not None:
+                    params.sub_(eps)
+                est.descent(grad, k)
                 if c.grad_clip > 0:
                     norm = grad.norm()
                     grad.mul_(torch.clamp(c.grad_clip / (norm + 1e-12), max=1.0))
@@ -135,22 +146,30 @@ class ClientGroup:
         return update, float(loss_sum) / len(batches), len(batches)
 
     def run_round(self, round_: int, participants: list[int]) -> list[ClientResult]:
-        """Train and encode this group's participating clients, in client-id order."""
+        """Train and encode this group's participating clients, in client-id order.
+
+        Clients are trained and encoded in chunks of ``compressor.batch_clients`` (1 for
+        most compressors: train, encode, next), so a compressor with a batched encoder
+        fits several clients at once while the rank holds at most that many updates.
+        """
+        mine = [cid for cid in self.clients if cid in set(participants)]
+        chunk = max(1, self.compressor.batch_clients)
         results = []
-        for cid in self.clients:
-            if cid not in participants:
-                continue
+        for start in range(0, len(mine), chunk):
+            cids = mine[start:start + chunk]
             t0 = time.perf_counter()
-            update, loss, steps = self.local_train(cid, round_)
+            trained = [self.local_train(cid, round_) for cid in cids]
             t1 = time.perf_counter()
-            ctx = Context(round=round_, client=cid, seed=self.cfg.run.seed, spec=self.spec,
-                          global_params=self.global_params, model=self.model)
-            state = self.states[cid]
-            payload, state.compressor, decoded, target = self.compressor.compress(
-                update, state.compressor, ctx)
-            eff = cosine(decoded, target)
-            t2 = time.perf_counter()
+            ctxs = [Context(round=round_, client=cid, seed=self.cfg.run.seed, spec=self.spec,
+                            global_params=self.global_params, model=self.model)
+                    for cid in cids]
+            out = self.compressor.compress_many([u for u, _, _ in trained],
+                                                [self.states[c].compressor for c in cids], ctxs)
+            for cid, (update, loss, steps), (payload, state, decoded, target) in zip(
+                    cids, trained, out, strict=True):
+                self.states[cid].compressor = state
+                results.append(ClientResult(cid, payload, loss, cosine(decoded, target),
+                                            len(self.shards[cid]), steps))
             self.time_train += t1 - t0
-            self.time_encode += t2 - t1
-            results.append(ClientResult(cid, payload, loss, eff, len(self.shards[cid]), steps))
+            self.time_encode += time.perf_counter() - t1
         return results

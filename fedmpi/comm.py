@@ -161,6 +161,9 @@ class Transport:
     def bcast_object(self, obj):
         return self.comm.bcast(obj, root=SERVER)
 
+    def gather_object(self, obj) -> list | None:
+        return self.comm.gather(obj, root=SERVER)
+
     def send_arrays(self, dest: int, arrays: Sequence[np.ndarray]) -> None:
         """Send contiguous arrays to ``dest`` (shapes/dtypes first, then raw buffers)."""
         arrays = [np.ascontiguousarray(a) for a in arrays]

@@ -128,6 +128,9 @@ class ClientConfig:
 class CompressorConfig:
     name: str = "identity"  #: see fedmpi.compress.REGISTRY
     ef: bool = False  #: wrap the compressor in error feedback (u = update + e; e = u - C(u))
+    #: dense = broadcast w^t as fp32; same = compress the server step with this method and
+    #: a server-side residual, broadcast only that (STC up/down, E-3SFC double-way)
+    downlink: Literal["dense", "same"] = "dense"
     params: Any = None  #: the compressor's own Config dataclass (its extra keys)
 
     def validate(self) -> None:
@@ -136,11 +139,10 @@ class CompressorConfig:
 
 @dataclass(frozen=True)
 class SamConfig:
-    name: str = "none"  #: perturbation estimator (none; more come with fedmpi.sam)
+    name: str = "none"  #: perturbation estimator (see fedmpi.sam.ESTIMATORS)
     rho: float = 0.05  #: SAM radius
 
     def validate(self) -> None:
-        _require(self.name == "none", "sam.name", f"unknown estimator {self.name!r}; known: none")
         _require(self.rho >= 0, "sam.rho", "must be >= 0")
 
 
@@ -205,7 +207,7 @@ def _positive(obj: Any, section: str, name: str) -> None:
 
 
 def _validate_names(cfg: Config) -> None:
-    from fedmpi import compress, data, models
+    from fedmpi import compress, data, models, sam
 
     _require(cfg.data.dataset in data.DATASETS, "data.dataset",
              f"unknown dataset {cfg.data.dataset!r}; known: {', '.join(sorted(data.DATASETS))}")
@@ -217,6 +219,8 @@ def _validate_names(cfg: Config) -> None:
     _require(cfg.compressor.name in compress.REGISTRY, "compressor.name",
              f"unknown compressor {cfg.compressor.name!r}; "
              f"known: {', '.join(sorted(compress.REGISTRY))}")
+    _require(cfg.sam.name in sam.ESTIMATORS, "sam.name",
+             f"unknown estimator {cfg.sam.name!r}; known: {', '.join(sorted(sam.ESTIMATORS))}")
     params = cfg.compressor.params
     if params is not None and hasattr(params, "validate"):
         params.validate()
@@ -284,10 +288,14 @@ def _build_compressor(table: dict[str, Any]) -> CompressorConfig:
     _require(isinstance(name, str), "compressor.name", "must be a string")
     _require(name in compress.REGISTRY, "compressor.name",
              f"unknown compressor {name!r}; known: {', '.join(sorted(compress.REGISTRY))}")
-    ef = _check_type(table.pop("ef", CompressorConfig.ef), bool, "compressor.ef")
+    generic = {}
+    for f in fields(CompressorConfig):
+        if f.name not in ("name", "params") and f.name in table:
+            generic[f.name] = table.pop(f.name)
     _require("params" not in table, "compressor.params", "unknown key")
     params = build(compress.REGISTRY[name].Config, table, "compressor")
-    return CompressorConfig(name=name, ef=ef, params=params)
+    base = build(CompressorConfig, generic, "compressor")
+    return dataclasses.replace(base, name=name, params=params)
 
 
 def from_dict(raw: dict[str, Any]) -> Config:

@@ -111,13 +111,17 @@ class RunWriter:
         self.rows = n
         self.f.flush()
 
-    def close(self, complete: bool) -> None:
-        """Close the file; with ``complete``, reopen it outside SWMR and set ``complete``."""
+    def close(self, complete: bool, attrs: dict[str, Any] | None = None) -> None:
+        """Close the file; with ``complete``, reopen it outside SWMR, add ``attrs`` (e.g.
+        per-rank peak RSS), then set ``complete`` last."""
         if self.f:
             self.f.close()
             self.f = None
         if complete:
             with h5py.File(self.path, "r+", libver="latest") as f:
+                for k, v in (attrs or {}).items():
+                    f.attrs[k] = v
+                f.flush()
                 f.attrs["complete"] = True
 
 

@@ -8,8 +8,8 @@ not depend on how clients were spread over ranks:
 
 then ``w^{t+1} = w^t + server.lr * Delta``.
 
-The downlink of a plain round is the dense global model (``DenseDownlink``: field
-``model``, 4 d bytes); every client rank sets its replica to it.
+``aggregate`` returns the step; :mod:`fedmpi.downlink` applies it (exactly, or through
+the downlink compressor) and decides what the next broadcast carries.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedmpi.compress import Compressor, Context, ModelSpec, Payload
+from fedmpi.compress import Compressor, Context, ModelSpec
 from fedmpi.config import Config
 from fedmpi.data import ArrayDataset, Normalizer
 from fedmpi.models import FlatModel
@@ -34,25 +34,6 @@ def sample_participants(cfg: Config, round_: int) -> list[int]:
     k = max(1, int(round(cfg.server.participation * n)))
     rng = np.random.default_rng([cfg.run.seed, TAG_SAMPLE, round_])
     return sorted(int(i) for i in rng.choice(n, size=k, replace=False))
-
-
-class DenseDownlink:
-    """The global model as fp32: 4 d bytes per broadcast."""
-
-    def __init__(self, spec: ModelSpec):
-        self.spec = spec
-
-    def nbytes(self) -> int:
-        return 4 * self.spec.d
-
-    def encode(self, global_params: torch.Tensor) -> Payload:
-        return Payload({"model": global_params.detach().to(torch.float32).cpu().numpy()})
-
-    def parse(self, buf: np.ndarray) -> Payload:
-        return Payload.from_bytes(buf, [("model", np.float32, self.spec.d)])
-
-    def apply(self, payload: Payload, replica: torch.Tensor) -> None:
-        replica.copy_(torch.from_numpy(payload["model"]))
 
 
 class Server:
@@ -75,7 +56,7 @@ class Server:
                ) -> dict[int, torch.Tensor]:
         """Split the gathered bytes by ``sizes`` (clients in wire order) and decode each."""
         out, offset = {}, 0
-        for cid, size in zip(clients, sizes):
+        for cid, size in zip(clients, sizes, strict=True):
             ctx = Context(round=round_, client=cid, seed=self.cfg.run.seed, spec=self.spec,
                           global_params=self.params, model=self.model)
             payload = self.compressor.parse(buf[offset:offset + size], ctx)
@@ -85,8 +66,9 @@ class Server:
             raise RuntimeError(f"round {round_}: {buf.size - offset} undecoded uplink bytes")
         return out
 
-    def aggregate(self, updates: dict[int, torch.Tensor], num_samples: dict[int, int]) -> None:
-        """w <- w + server.lr * (mean or sample-weighted mean), summed in client-id order."""
+    def aggregate(self, updates: dict[int, torch.Tensor], num_samples: dict[int, int]
+                  ) -> torch.Tensor:
+        """server.lr * (mean or sample-weighted mean of the updates), summed by client id."""
         clients = sorted(updates)
         if self.cfg.server.aggregation == "weighted":
             total = float(sum(num_samples[c] for c in clients))
@@ -94,9 +76,9 @@ class Server:
         else:
             weights = [1.0 / len(clients)] * len(clients)
         agg = torch.zeros_like(self.params)
-        for cid, w in zip(clients, weights):
+        for cid, w in zip(clients, weights, strict=True):
             agg.add_(updates[cid], alpha=w)
-        self.params.add_(agg, alpha=self.cfg.server.lr)
+        return agg.mul_(self.cfg.server.lr)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 import traceback
@@ -28,15 +29,15 @@ import traceback
 import numpy as np
 import torch
 
-from fedmpi import compress, config, data, layout, metrics
+from fedmpi import compress, config, data, downlink, layout, metrics, sam
 from fedmpi.client import ClientGroup, Shard
 from fedmpi.comm import SERVER, Transport, finalize_and_exit
 from fedmpi.compress import ModelSpec
 from fedmpi.models import FlatModel, build_module
-from fedmpi.server import DenseDownlink, Server, sample_participants
+from fedmpi.server import Server, sample_participants
 
 TAG_INIT = 401
-HEADER = 4  # round, stop flag, downlink bytes, participants; then a 0/1 mask per client
+HEADER = 5  # round, stop flag, downlink bytes, participants, estimator bytes; then a mask
 SLOT = 7  # per owned client: id, participated, payload bytes, loss, efficiency, n, steps
 USER_ERRORS = (config.ConfigError, data.DataError, FileExistsError, PermissionError)
 
@@ -136,18 +137,25 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     shards = distribute_shards(t, loaded, parts, owners, device)
     max_slots = max(len(c) for c in owners.values())
 
-    module = build_module(cfg.model, info.input_shape, info.num_classes,
-                          seed=int(np.random.default_rng([cfg.run.seed, TAG_INIT]).integers(
-                              2**31)))
-    model = FlatModel(module, device)
+    # every rank builds the same w^0 from run.seed: round 0 needs no model broadcast
+    init_seed = int(np.random.default_rng([cfg.run.seed, TAG_INIT]).integers(2**31))
+
+    def new_model() -> FlatModel:
+        return FlatModel(build_module(cfg.model, info.input_shape, info.num_classes,
+                                      init_seed), device)
+
+    model = new_model()
     spec = ModelSpec(d=model.d, shapes=model.shapes, input_shape=info.input_shape,
                      num_classes=info.num_classes, device=device)
     compressor = compress.build(cfg.compressor, spec)
+    down_link = downlink.build(cfg.compressor.downlink, spec, cfg.run.seed,
+                               lambda: compress.build(cfg.compressor, spec))
+    estimator = sam.build(cfg, spec)
     normalizer = data.Normalizer(info, device)
-    downlink = DenseDownlink(spec)
-    group = (ClientGroup(cfg, shards, FlatModel(build_module(
-        cfg.model, info.input_shape, info.num_classes, seed=0), device), compressor, spec,
-        normalizer) if t.rank in owners else None)
+    group = None
+    if t.rank in owners:
+        group = ClientGroup(cfg, shards, new_model(), compressor, spec, normalizer, estimator)
+        group.set_global(model.params)
 
     server = writer = None
     if t.is_server:
@@ -173,20 +181,28 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         t.reset_counters()
         if t.is_server:
             participants = sample_participants(cfg, rnd)
-            down = downlink.encode(server.params).to_bytes()
-            header[:HEADER] = (rnd, 0, down.size, len(participants))
+            down = down_link.server_payload(server.params, rnd).to_bytes()
+            extra = estimator.server_payload(rnd).to_bytes()
+            down_client_bytes = (down_link.client_bytes(participants, rnd, down.size)
+                                 + extra.size * len(participants))
+            header[:HEADER] = (rnd, 0, down.size, len(participants), extra.size)
             header[HEADER:] = 0
             header[HEADER + np.asarray(participants)] = 1
         t.bcast_header(header)
         participants = [int(i) for i in np.flatnonzero(header[HEADER:])]
         if not t.is_server:
             down = np.empty(int(header[2]), dtype=np.uint8)
+            extra = np.empty(int(header[4]), dtype=np.uint8)
         t.bcast_payload(down)
+        if extra.size:
+            t.bcast_payload(extra)
 
         record = np.zeros(2 + max_slots * SLOT, dtype=np.float64)
         send = np.zeros(0, dtype=np.uint8)
         if group is not None:
-            downlink.apply(downlink.parse(down), group.global_params)
+            down_link.client_apply(down_link.parse(down, rnd), group.global_params, rnd,
+                                   group.model)
+            estimator.client_receive(estimator.parse(extra, rnd), rnd)
             group.time_train = group.time_encode = 0.0
             results = group.run_round(rnd, participants)
             record[:2] = group.time_train, group.time_encode
@@ -210,7 +226,10 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         sizes = [int(s) for s in slots[:, 2]]
         t1 = time.perf_counter()
         updates = server.decode(rnd, wire, sizes, gathered)
-        server.aggregate(updates, {int(s[0]): int(s[5]) for s in slots})
+        step = server.aggregate(updates, {int(s[0]): int(s[5]) for s in slots})
+        before = server.params.clone()
+        down_link.server_step(server.params, step, rnd, server.model)
+        estimator.server_round_end(before, server.params, rnd, server.model)
         t2 = time.perf_counter()
         last = rnd == cfg.run.rounds - 1
         acc = loss = float("nan")
@@ -242,10 +261,11 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             "test_acc": acc, "test_loss": loss,
             "train_loss": float(np.mean(slots[:, 3])), "participants": len(wire),
             "uplink_bytes": c.uplink, "uplink_payload_bytes": int(sum(sizes)),
-            "downlink_bytes": c.downlink, "downlink_payload_bytes": down.size * len(wire),
+            "downlink_bytes": c.downlink, "downlink_payload_bytes": down_client_bytes,
             "meta_bytes": c.meta,
             "compression_ratio_up": compressor.dense_bytes() * len(wire) / max(1, c.uplink),
-            "compression_ratio_down": 4 * model.d / max(1.0, per_broadcast),
+            "compression_ratio_down": (4 * model.d / per_broadcast if per_broadcast
+                                       else float("nan")),
             "efficiency_mean": float(np.mean(slots[:, 4])),
             "time_round": round_time, "time_train": time_train, "time_encode": time_encode,
             "time_decode": t2 - t1, "time_eval": t3 - t2,
@@ -260,8 +280,9 @@ def run(args: argparse.Namespace, t: Transport) -> int:
                   f"{round_time:.2f} s", flush=True)
 
     # 4. finish -------------------------------------------------------------------------
+    rss = t.gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
     if t.is_server:
-        writer.close(complete=True)
+        writer.close(complete=True, attrs={"peak_rss_mb": np.asarray(rss)})
         print_summary(cfg, history, path)
     t.barrier()
     return 0

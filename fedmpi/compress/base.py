@@ -96,7 +96,9 @@ class Context:
     seed: int
     spec: ModelSpec
     global_params: torch.Tensor | None = None  #: flat w^t (3SFC decodes at w^t)
-    model: Any = None  #: a fedmpi.models.FlatModel replica, for model-based codecs
+    #: a fedmpi.models.FlatModel for model-based codecs (3SFC). Its weights are scratch:
+    #: load ``global_params`` into it before use; it may be left changed.
+    model: Any = None
 
     def numpy_rng(self, tag: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, tag, self.round, self.client + 1])
@@ -142,17 +144,38 @@ class Compressor(ABC):
         """Rebuild the payload from its wire bytes alone."""
         ...
 
+    # batched forms -----------------------------------------------------------
+    #: how many clients a rank should hand to ``encode_many`` / ``decode_many`` at once;
+    #: > 1 only where batching across clients is faster and gives the same result (3SFC)
+    batch_clients: int = 1
+
+    def encode_many(self, updates: list[torch.Tensor], states: list[Any],
+                    ctxs: list[Context]) -> list[tuple[Payload, Any]]:
+        """``encode`` for several clients; override where a batched form is faster."""
+        return [self.encode(u, s, c) for u, s, c in zip(updates, states, ctxs, strict=True)]
+
+    def decode_many(self, payloads: list[Payload], ctxs: list[Context]) -> list[torch.Tensor]:
+        """``decode`` for several payloads; override where a batched form is faster."""
+        return [self.decode(p, c) for p, c in zip(payloads, ctxs, strict=True)]
+
     # client entry point -----------------------------------------------------
-    def compress(self, update: torch.Tensor, state: Any, ctx: Context
-                 ) -> tuple[Payload, Any, torch.Tensor, torch.Tensor]:
+    def compress_many(self, updates: list[torch.Tensor], states: list[Any],
+                      ctxs: list[Context]
+                      ) -> list[tuple[Payload, Any, torch.Tensor, torch.Tensor]]:
         """encode, plus what the client reports: ``(payload, state, decoded, target)``.
 
         ``target`` is the vector the compressor tried to transmit (the update, plus the
         residual under error feedback); ``cos(decoded, target)`` is the compression
         efficiency.
         """
-        payload, state = self.encode(update, state, ctx)
-        return payload, state, self.decode(payload, ctx), update
+        encoded = self.encode_many(updates, states, ctxs)
+        decoded = self.decode_many([p for p, _ in encoded], ctxs)
+        return [(p, s, d, u) for (p, s), d, u in zip(encoded, decoded, updates, strict=True)]
+
+    def compress(self, update: torch.Tensor, state: Any, ctx: Context
+                 ) -> tuple[Payload, Any, torch.Tensor, torch.Tensor]:
+        """:meth:`compress_many` for one client."""
+        return self.compress_many([update], [state], [ctx])[0]
 
     def dense_bytes(self) -> int:
         return 4 * self.spec.d
@@ -171,17 +194,18 @@ class ErrorFeedback(Compressor):
         super().__init__(inner.cfg, inner.spec)
         self.inner = inner
         self.name = f"ef({inner.name})"  # type: ignore[misc]
+        self.batch_clients = inner.batch_clients
 
     def init_state(self, client: int) -> EFState:
         zeros = torch.zeros(self.spec.d, dtype=torch.float32, device=self.spec.device)
         return EFState(residual=zeros, inner=self.inner.init_state(client))
 
-    def compress(self, update, state, ctx):
-        target = update + state.residual
-        payload, inner_state = self.inner.encode(target, state.inner, ctx)
-        decoded = self.inner.decode(payload, ctx)
-        new = EFState(residual=target - decoded, inner=inner_state)
-        return payload, new, decoded, target
+    def compress_many(self, updates, states, ctxs):
+        targets = [u + s.residual for u, s in zip(updates, states, strict=True)]
+        encoded = self.inner.encode_many(targets, [s.inner for s in states], ctxs)
+        decoded = self.inner.decode_many([p for p, _ in encoded], ctxs)
+        return [(p, EFState(residual=t - d, inner=s), d, t)
+                for (p, s), d, t in zip(encoded, decoded, targets, strict=True)]
 
     def encode(self, update, state, ctx):
         payload, new, _, _ = self.compress(update, state, ctx)
@@ -189,6 +213,9 @@ class ErrorFeedback(Compressor):
 
     def decode(self, payload, ctx):
         return self.inner.decode(payload, ctx)
+
+    def decode_many(self, payloads, ctxs):
+        return self.inner.decode_many(payloads, ctxs)
 
     def parse(self, buf, ctx):
         return self.inner.parse(buf, ctx)
