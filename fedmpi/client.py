@@ -165,7 +165,7 @@ class ClientGroup:
                     for cid in cids]
             out = self.compressor.compress_many([u for u, _, _ in trained],
                                                 [self.states[c].compressor for c in cids], ctxs)
-            for cid, (update, loss, steps), (payload, state, decoded, target) in zip(
+            for cid, (_, loss, steps), (payload, state, decoded, target) in zip(
                     cids, trained, out, strict=True):
                 self.states[cid].compressor = state
                 results.append(ClientResult(cid, payload, loss, cosine(decoded, target),
