@@ -160,13 +160,33 @@ class ServerConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 1  #: evaluate the global model every N rounds (and always at the last)
-    sharpness_every: int = 0  #: sharpness metrics every N rounds (0 = never)
-    batch_size: int = 2048  #: evaluation batch size
+    sharpness_every: int = 0  #: sharpness metrics every N rounds and at the last (0 = never)
+    batch_size: int = 2048  #: evaluation batch size (also the sharpness batches)
+    #: training samples of the fixed, seeded subset sharpness is measured on
+    sharpness_samples: int = 2048
+    sharpness_iters: int = 100  #: power iteration: most Hessian-vector products per eigenvalue
+    sharpness_tol: float = 1e-3  #: power iteration stops when |d lambda| / |lambda| <= this
+    sharpness_topk: int = 1  #: top Hessian eigenvalues by deflation (1..5)
+    sharpness_trace_samples: int = 100  #: Hutchinson: most Rademacher probes
+    sharpness_trace_tol: float = 1e-3  #: Hutchinson stops when the mean moves less (relative)
+    #: SAM sharpness L(w + rho g/||g||) - L(w) for each rho (1..4 values)
+    sharpness_rho: tuple[float, ...] = (0.01, 0.05, 0.1)
 
     def validate(self) -> None:
         _positive(self, "eval", "every")
         _require(self.sharpness_every >= 0, "eval.sharpness_every", "must be >= 0")
         _positive(self, "eval", "batch_size")
+        _positive(self, "eval", "sharpness_samples")
+        _positive(self, "eval", "sharpness_iters")
+        _positive(self, "eval", "sharpness_tol")
+        _require(1 <= self.sharpness_topk <= 5, "eval.sharpness_topk",
+                 f"must be in 1..5 (got {self.sharpness_topk})")
+        _positive(self, "eval", "sharpness_trace_samples")
+        _positive(self, "eval", "sharpness_trace_tol")
+        _require(1 <= len(self.sharpness_rho) <= 4, "eval.sharpness_rho",
+                 f"must list 1 to 4 radii (got {len(self.sharpness_rho)})")
+        _require(all(r > 0 and math.isfinite(r) for r in self.sharpness_rho),
+                 "eval.sharpness_rho", f"every radius must be > 0 (got {self.sharpness_rho})")
 
 
 @dataclass(frozen=True)

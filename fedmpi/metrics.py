@@ -39,6 +39,12 @@ ROUND_METRICS: dict[str, str] = {
     "time_round": "f8", "time_train": "f8", "time_encode": "f8", "time_comm": "f8",
     "time_decode": "f8", "time_eval": "f8",
     "sharpness_lmax": "f8", "sharpness_trace": "f8", "sharpness_sam": "f8",
+    # more sharpness (fedmpi.sharpness.measure): eigenvalues 2..5 by deflation, the trace's
+    # standard error, the loss on the sharpness subset, SAM sharpness at the 2nd..4th rho
+    "sharpness_eig2": "f8", "sharpness_eig3": "f8", "sharpness_eig4": "f8",
+    "sharpness_eig5": "f8", "sharpness_trace_stderr": "f8", "sharpness_loss": "f8",
+    "sharpness_sam2": "f8", "sharpness_sam3": "f8", "sharpness_sam4": "f8",
+    "time_sharpness": "f8",
 }
 
 #: per-round, per-client values: name -> dtype

@@ -29,7 +29,7 @@ import traceback
 import numpy as np
 import torch
 
-from fedmpi import compress, config, data, downlink, layout, metrics, sam
+from fedmpi import compress, config, data, downlink, layout, metrics, sam, sharpness
 from fedmpi.client import ClientGroup, Shard
 from fedmpi.comm import SERVER, Transport, finalize_and_exit
 from fedmpi.compress import ModelSpec
@@ -161,6 +161,9 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     if t.is_server:
         server = Server(cfg, model, compressor, spec, loaded.test, normalizer)
         counts = data.class_counts(loaded.train.y, parts, info.num_classes)
+        if cfg.eval.sharpness_every:  # a fixed, seeded training subset for sharpness
+            sharp = sharpness.fixed_subset(loaded.train.x, loaded.train.y,
+                                           cfg.eval.sharpness_samples, cfg.run.seed, device)
         del loaded  # rank 0 keeps only the test split (and its own shards, if any)
         writer = metrics.RunWriter(path, cfg, t.size, cfg.data.num_clients, counts,
                                    attrs={"num_params": model.d,
@@ -236,6 +239,12 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         if (rnd + 1) % cfg.eval.every == 0 or last:
             acc, loss = server.evaluate()
         t3 = time.perf_counter()
+        sharp_row = {}
+        if cfg.eval.sharpness_every and ((rnd + 1) % cfg.eval.sharpness_every == 0 or last):
+            sharp_row = sharpness.measure(server.model.module, sharp, normalizer, cfg.eval,
+                                          cfg.run.seed, rnd)
+            sharp_row["time_sharpness"] = time.perf_counter() - t3
+        t4 = time.perf_counter()
 
         c = t.counters
         n = cfg.data.num_clients
@@ -269,7 +278,8 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             "efficiency_mean": float(np.mean(slots[:, 4])),
             "time_round": round_time, "time_train": time_train, "time_encode": time_encode,
             "time_decode": t2 - t1, "time_eval": t3 - t2,
-            "time_comm": max(0.0, round_time - time_train - time_encode - (t3 - t1)),
+            "time_comm": max(0.0, round_time - time_train - time_encode - (t4 - t1)),
+            **sharp_row,
         }
         writer.append(row, per_client)
         history.append(row)
