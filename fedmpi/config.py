@@ -59,11 +59,26 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "synthetic"  #: synthetic | mnist (see fedmpi.data.DATASETS)
+    #: synthetic | mnist | fmnist | emnist | cifar10 | cifar100 (see fedmpi.data.DATASETS)
+    dataset: str = "synthetic"
     root: str = "data"  #: dataset folder; the FEDMPI_DATA_ROOT environment variable wins
     download: bool = False  #: let torchvision download missing files (never silently)
-    partition: str = "natural"  #: natural (synthetic only) | iid | dirichlet
+    check_md5: bool = True  #: CIFAR: verify torchvision's md5 sums (false: re-packed files)
+    #: EMNIST split; the class count follows it (62, 47, 47, 26, 10, 10)
+    emnist_split: Literal["byclass", "bymerge", "balanced", "letters", "digits",
+                          "mnist"] = "byclass"
+    #: 1 = official test set; < 1 = 3SFC protocol: shuffle the train split, train on this
+    #: share of it and test on the rest (the official test set is not used)
+    train_frac: float = 1.0
+    max_train: int = 0  #: keep a random subset of this many training samples (0 = all)
+    max_test: int = 0  #: keep a random subset of this many test samples (0 = all)
+    augment: bool = False  #: CIFAR: random crop (4-pixel zero padding) + horizontal flip
+    #: natural (synthetic only) | iid | dirichlet | dirichlet_balanced | client_dirichlet |
+    #: shards (see fedmpi.data)
+    partition: str = "natural"
     alpha: float = 1.0  #: Dirichlet concentration (smaller = more skewed)
+    min_size: int = 10  #: dirichlet_balanced: redraw until every client has this many
+    classes_per_client: int = 2  #: shards: classes each client holds (pathological-c)
     num_clients: int = 10
     # Synthetic(alpha, beta) of FedProx / LEAF (Li et al., MLSys 2020)
     syn_alpha: float = 1.0  #: std of the per-client model means u_k ~ N(0, alpha)
@@ -88,11 +103,23 @@ class DataConfig:
         _require(0.0 < self.syn_test_frac < 1.0, "data.syn_test_frac", "must be in (0, 1)")
         _require(self.partition != "natural" or self.dataset == "synthetic", "data.partition",
                  "'natural' is only defined for dataset 'synthetic'")
+        _require(0.0 < self.train_frac <= 1.0, "data.train_frac",
+                 f"must be in (0, 1] (got {self.train_frac})")
+        _require(self.max_train >= 0, "data.max_train", "must be >= 0 (0 = all)")
+        _require(self.max_test >= 0, "data.max_test", "must be >= 0 (0 = all)")
+        for key in ("train_frac", "max_train", "max_test"):
+            _require(self.dataset != "synthetic" or getattr(self, key) == getattr(
+                DataConfig, key), f"data.{key}", "does not apply to dataset 'synthetic' "
+                "(its split is data.syn_test_frac)")
+        _positive(self, "data", "min_size")
+        _positive(self, "data", "classes_per_client")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "mlp"  #: mlp | logreg (see fedmpi.models.MODELS)
+    #: mlp | logreg | mnistnet | convnet | resnet18 | regnetx_200mf | vgg11star | lenet5
+    #: (see fedmpi.models.MODELS); input shape and class count come from the dataset
+    name: str = "mlp"
     hidden: int = 200  #: width of the MLP's two hidden layers (the papers: 200)
 
     def validate(self) -> None:
@@ -127,29 +154,63 @@ class ClientConfig:
 @dataclass(frozen=True)
 class CompressorConfig:
     name: str = "identity"  #: see fedmpi.compress.REGISTRY
-    ef: bool = False  #: wrap the compressor in error feedback (u = update + e; e = u - C(u))
+    #: wrap the compressor in error feedback (u = update + e; e = u - C(u)); unset = the
+    #: compressor's default (true for 3sfc, false for the others)
+    ef: bool = False
     #: dense = broadcast w^t as fp32; same = compress the server step with this method and
     #: a server-side residual, broadcast only that (STC up/down, E-3SFC double-way)
     downlink: Literal["dense", "same"] = "dense"
     params: Any = None  #: the compressor's own Config dataclass (its extra keys)
 
     def validate(self) -> None:
-        pass
+        from fedmpi import compress
+
+        # a compressor with its own residual (DGC's v) must not be wrapped in a second one
+        if getattr(compress.REGISTRY.get(self.name), "own_residual", False):
+            _require(not self.ef, "compressor.ef", f"{self.name} accumulates its own "
+                     "residual; error feedback would count the unsent part twice")
+            _require(self.downlink == "dense", "compressor.downlink", f"{self.name} is "
+                     "uplink-only (its residual is per client); use 'dense'")
 
 
 @dataclass(frozen=True)
 class SamConfig:
-    name: str = "none"  #: perturbation estimator (see fedmpi.sam.ESTIMATORS)
-    rho: float = 0.05  #: SAM radius
+    #: perturbation estimator: none | fedsam | mofedsam | fedlesam | fedsynsam
+    #: (see fedmpi.sam.ESTIMATORS)
+    name: str = "none"
+    rho: float = 0.05  #: SAM radius (0 = plain local SGD for every estimator)
+    adaptive: bool = False  #: ASAM (Kwon et al. 2021): eps = rho T^2 g / ||T g||, T = |w|
+    #: before an estimator has history (fedlesam: a client's first round; fedsynsam: no
+    #: synthetic set yet): "sgd" = no ascent (the FedLESAM code), "local" = FedSAM's ascent
+    round0: Literal["sgd", "local"] = "sgd"
+    alpha: float = 0.1  #: mofedsam: descent = alpha grad(w + eps) + (1 - alpha) Delta_g
+    #: fedsynsam: re-evaluate grad l(w; S) at every local iterate, or once per round at w^t
+    perturb_mode: Literal["per_step", "fixed"] = "per_step"
+    traj_window: int = 1  #: fedsynsam: trajectory segments L matched at once (server site)
+    #: fedsynsam: who builds S: the server (broadcast, counted as downlink) or each client
+    #: from the last global model it saw and the current one (no extra downlink)
+    synth_site: Literal["server", "client"] = "server"
+    m: int = 10  #: fedsynsam: synthetic samples M in S
+    s_steps: int = 10  #: fedsynsam: LBFGS outer steps S of the fit (fedmpi.synth)
+    warm_start: bool = True  #: fedsynsam: start each fit from the previous S (else random)
+    #: fedsynsam: fit 1 - |cos| (3SFC; the sign sigma travels with S) or the signed 1 - cos
+    absolute: bool = True
 
     def validate(self) -> None:
-        _require(self.rho >= 0, "sam.rho", "must be >= 0")
+        _require(self.rho >= 0 and math.isfinite(self.rho), "sam.rho", "must be >= 0")
+        _require(0.0 <= self.alpha <= 1.0, "sam.alpha", f"must be in [0, 1] (got {self.alpha})")
+        _positive(self, "sam", "traj_window")
+        _require(self.traj_window == 1 or self.synth_site == "server", "sam.traj_window",
+                 "must be 1 with sam.synth_site = 'client' (a client holds one segment)")
+        _positive(self, "sam", "m")
+        _positive(self, "sam", "s_steps")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     lr: float = 1.0  #: global learning rate: w <- w + lr * aggregate
-    aggregation: Literal["mean", "weighted"] = "mean"  #: uniform or sample-count weighted
+    #: uniform or sample-count weighted mean; majority = sign(sum_i sign(update_i)) (signSGD)
+    aggregation: Literal["mean", "weighted", "majority"] = "mean"
     participation: float = 1.0  #: fraction of clients sampled each round (>= 1 client)
 
     def validate(self) -> None:
@@ -201,9 +262,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
+        _validate_names(self)  # unknown names first: they explain later errors
         for f in fields(self):
             getattr(self, f.name).validate()
-        _validate_names(self)
 
 
 SECTIONS: dict[str, type] = {
@@ -244,6 +305,27 @@ def _validate_names(cfg: Config) -> None:
     params = cfg.compressor.params
     if params is not None and hasattr(params, "validate"):
         params.validate()
+    _check_data_model(cfg)
+
+
+def _check_data_model(cfg: Config) -> None:
+    """Checks that need the dataset's shape: the model must fit it, augmentation and
+    classes_per_client must make sense for it."""
+    from fedmpi import data, models
+
+    cfg.data.validate()  # the dataset's shape is only meaningful for valid data keys
+    cfg.model.validate()
+    info = data.info(cfg.data)
+    _require(not cfg.data.augment or cfg.data.dataset in data.AUGMENTABLE, "data.augment",
+             f"random crop + flip is defined for {', '.join(data.AUGMENTABLE)} only "
+             f"(dataset {cfg.data.dataset!r})")
+    _require(cfg.data.partition != "shards" or cfg.data.classes_per_client <= info.num_classes,
+             "data.classes_per_client", f"{cfg.data.classes_per_client} exceeds the "
+             f"{info.num_classes} classes of {cfg.data.dataset!r}")
+    problem = models.fit_error(cfg.model, info.input_shape, info.num_classes)
+    _require(problem is None, "model.name", f"{problem}; dataset {cfg.data.dataset!r} has "
+             f"inputs of shape {'x'.join(map(str, info.input_shape))} and "
+             f"{info.num_classes} classes")
 
 
 # ---------------------------------------------------------------------------- typing
@@ -313,6 +395,9 @@ def _build_compressor(table: dict[str, Any]) -> CompressorConfig:
         if f.name not in ("name", "params") and f.name in table:
             generic[f.name] = table.pop(f.name)
     _require("params" not in table, "compressor.params", "unknown key")
+    # ef left unset takes the compressor's own default (its class attribute ``ef_default``,
+    # e.g. true for 3sfc as in its paper; false elsewhere); the resolved value is stored
+    generic.setdefault("ef", getattr(compress.REGISTRY[name], "ef_default", False))
     params = build(compress.REGISTRY[name].Config, table, "compressor")
     base = build(CompressorConfig, generic, "compressor")
     return dataclasses.replace(base, name=name, params=params)

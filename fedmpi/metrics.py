@@ -77,7 +77,10 @@ class RunWriter:
         self.path = path
         self.num_clients = num_clients
         self.rows = 0
-        self.f = h5py.File(path, "w", libver="latest")
+        # SWMR needs the latest file format; without SWMR keep the default format, whose
+        # superblock has no "open for write" flag, so a crashed writer leaves it readable
+        self.libver = "latest" if swmr else None
+        self.f = h5py.File(path, "w", libver=self.libver)
         a = self.f.attrs
         a["fedmpi_version"] = fedmpi.__version__
         a["git_commit"] = git_commit()
@@ -124,7 +127,7 @@ class RunWriter:
             self.f.close()
             self.f = None
         if complete:
-            with h5py.File(self.path, "r+", libver="latest") as f:
+            with h5py.File(self.path, "r+", libver=self.libver) as f:
                 for k, v in (attrs or {}).items():
                     f.attrs[k] = v
                 f.flush()
@@ -155,7 +158,7 @@ class Run:
 
 def _open(path: str) -> h5py.File:
     try:
-        return h5py.File(path, "r", libver="latest")
+        return h5py.File(path, "r")
     except OSError:
         # written in SWMR mode and still open, or its writer crashed: SWMR read works
         return h5py.File(path, "r", libver="latest", swmr=True)

@@ -1,0 +1,110 @@
+"""Local training: batch schedules, flat parameters, SGD equal to a torch.optim reference."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedmpi import compress, config, sam
+from fedmpi.client import ClientGroup, Shard, batch_schedule
+from fedmpi.data import DatasetInfo, Normalizer
+from fedmpi.models import FlatModel, build_module
+
+
+def test_local_steps_schedule_is_k_batches_and_seeded():
+    cfg = config.load(None, ["client.local_steps=7", "client.batch_size=4"])
+    a = batch_schedule(10, cfg, 3, 2)
+    assert len(a) == 7 and all(len(b) == 4 for b in a)
+    assert all(np.array_equal(x, y) for x, y in zip(a, batch_schedule(10, cfg, 3, 2),
+                                                    strict=True))
+    assert not np.array_equal(np.concatenate(a), np.concatenate(batch_schedule(10, cfg, 4, 2)))
+    # the stream is a sequence of permutations: the first 10 indices cover the shard once
+    assert sorted(np.concatenate(a)[:10]) == list(range(10))
+
+
+def test_local_epochs_cover_every_sample_once_per_epoch():
+    cfg = config.load(None, ["client.local_steps=0", "client.local_epochs=2",
+                             "client.batch_size=4"])
+    sched = batch_schedule(10, cfg, 0, 0)
+    assert [len(b) for b in sched] == [4, 4, 2, 4, 4, 2]
+    assert sorted(np.concatenate(sched[:3])) == list(range(10))
+    assert sorted(np.concatenate(sched[3:])) == list(range(10))
+
+
+def test_batch_never_exceeds_shard():
+    cfg = config.load(None, ["client.local_steps=3", "client.batch_size=64"])
+    assert all(len(b) == 5 for b in batch_schedule(5, cfg, 0, 0))
+
+
+def _group(cfg, n=37, d_in=6, classes=3):
+    info = DatasetInfo("t", (d_in,), classes)
+    g = torch.Generator().manual_seed(0)
+    shard = Shard(torch.randn(n, d_in, generator=g), torch.randint(0, classes, (n,),
+                                                                    generator=g))
+    model = FlatModel(build_module(cfg.model, info.input_shape, classes, seed=1))
+    spec = compress.ModelSpec(d=model.d, shapes=model.shapes, input_shape=(d_in,),
+                              num_classes=classes)
+    comp = compress.build(cfg.compressor, spec)
+    group = ClientGroup(cfg, {5: shard}, model, comp, spec, Normalizer(info),
+                        sam.build(cfg, spec))
+    return group, shard
+
+
+def test_local_training_equals_torch_sgd_reference():
+    cfg = config.load(None, ["client.local_steps=6", "client.batch_size=8", "client.lr=0.1",
+                             "client.momentum=0.9", "client.weight_decay=0.01",
+                             "client.grad_clip=0.5", "model.hidden=16"])
+    group, shard = _group(cfg)
+    w0 = group.model.params.clone()
+    group.set_global(w0)
+    update, loss, steps = group.local_train(5, round_=2)
+
+    ref = build_module(cfg.model, (6,), 3, seed=1)
+    torch.nn.utils.vector_to_parameters(w0.clone(), ref.parameters())  # no aliasing
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    losses = []
+    for idx in batch_schedule(len(shard), cfg, 2, 5):
+        opt.zero_grad()
+        out = F.cross_entropy(ref(shard.x[idx]), shard.y[idx])
+        out.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        opt.step()
+        losses.append(float(out))
+    expect = torch.nn.utils.parameters_to_vector(ref.parameters()) - w0
+    assert steps == 6
+    torch.testing.assert_close(update, expect, rtol=1e-5, atol=1e-6)
+    assert abs(loss - np.mean(losses)) < 1e-5
+
+
+def test_lr_decays_per_round_trained():
+    cfg = config.load(None, ["client.local_steps=1", "client.lr_decay=0.5", "model.hidden=8"])
+    group, _ = _group(cfg)
+    group.set_global(group.model.params.clone())
+    u0, _, _ = group.local_train(5, 0)
+    u1, _, _ = group.local_train(5, 0)  # same batch (same round), half the lr
+    torch.testing.assert_close(u1, u0 * 0.5)
+
+
+def test_run_round_reports_identity_efficiency_one():
+    cfg = config.load(None, ["model.hidden=8"])
+    group, _ = _group(cfg)
+    group.set_global(group.model.params.clone())
+    (res,) = group.run_round(0, [5])
+    assert res.client == 5 and res.payload.nbytes == 4 * group.spec.d
+    assert abs(res.efficiency - 1.0) < 1e-6
+    assert group.run_round(0, [4]) == []
+
+
+def test_flat_model_views():
+    cfg = dataclasses.replace(config.load(None).model, hidden=4)
+    m = FlatModel(build_module(cfg, (3,), 2, seed=0))
+    assert m.d == sum(p.numel() for p in m.module.parameters())
+    m.params.fill_(0.5)
+    assert all(bool((p == 0.5).all()) for p in m.module.parameters())
+    m.params.copy_(torch.randn(m.d, generator=torch.Generator().manual_seed(0)))
+    F.cross_entropy(m(torch.randn(4, 3)), torch.tensor([0, 1, 1, 0])).backward()
+    expect = torch.cat([p.grad.reshape(-1) for p in m.module.parameters()])
+    assert torch.equal(m.grad, expect) and float(m.grad.abs().sum()) > 0

@@ -1,0 +1,112 @@
+"""Transport collectives and byte counters, run inside MPI jobs of several sizes.
+
+These tests are marked ``mpi`` (pytest-mpi): a plain ``pytest`` skips them, and
+``test_transport_at_several_sizes`` below runs this file under
+``mpiexec -n {1,2,3,5} python -m pytest --with-mpi``. Every assertion comes after the
+collectives, so a failing rank cannot leave the others waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmpi import launch
+
+
+def transport(wait="sleep"):
+    from fedmpi.comm import Transport
+    from fedmpi.layout import client_ranks
+
+    t = Transport(wait=wait)
+    t.set_client_ranks(client_ranks(t.size))
+    return t
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("wait", ["sleep", "block"])
+def test_bcast_counts_bytes_times_receivers(wait):
+    t = transport(wait)
+    header = np.arange(6, dtype=np.int64) * (7 if t.is_server else 0)
+    t.bcast_header(header)
+    payload = (np.arange(1000) % 251).astype(np.uint8) if t.is_server else np.zeros(
+        1000, np.uint8)
+    t.bcast_payload(payload)
+    assert np.array_equal(header, np.arange(6) * 7)
+    assert np.array_equal(payload, (np.arange(1000) % 251).astype(np.uint8))
+    assert t.counters.downlink == 1000 * len(t.client_ranks)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("wait", ["sleep", "block"])
+def test_gatherv_uneven_counts(wait):
+    t = transport(wait)
+    mine = np.full(3 * t.rank + (t.rank % 2), t.rank, dtype=np.uint8)  # rank 0 may send 0 B
+    record = np.array([t.rank, mine.size], dtype=np.float64)
+    table = t.gather_meta(record)
+    counts = table[:, 1].astype(np.int64) if t.is_server else np.bincount(
+        [t.rank], weights=[mine.size], minlength=t.size).astype(np.int64)
+    got = t.gatherv_payloads(mine, counts)
+    if t.is_server:
+        expect = np.concatenate([np.full(3 * r + (r % 2), r, np.uint8) for r in range(t.size)])
+        assert np.array_equal(table[:, 0], np.arange(t.size))
+        assert np.array_equal(got, expect)
+        assert t.counters.uplink == expect.size
+        assert t.counters.per_rank_uplink == [3 * r + (r % 2) for r in range(t.size)]
+    else:
+        assert got is None
+
+
+@pytest.mark.mpi
+def test_wrong_count_is_refused_before_the_collective():
+    t = transport()
+    with pytest.raises(RuntimeError, match="gatherv count"):
+        t.gatherv_payloads(np.zeros(3, np.uint8), np.zeros(t.size, np.int64))
+    assert t.agree(True)
+
+
+@pytest.mark.mpi
+def test_agree_and_arrays():
+    t = transport()
+    assert t.agree(True) is True
+    assert t.agree(t.rank != t.size - 1) is False
+    if t.is_server:
+        for r in range(1, t.size):
+            t.send_arrays(r, [np.arange(r, dtype=np.int64), np.ones((r, 2), np.float32)])
+        got = None
+    else:
+        got = t.recv_arrays(0)
+    if not t.is_server:
+        assert np.array_equal(got[0], np.arange(t.rank))
+        assert got[1].shape == (t.rank, 2) and got[1].dtype == np.float32
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.mpi_skip  # the launcher itself must not run inside the MPI job
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_transport_at_several_sizes(n):
+    """Run the mpi-marked tests of this file inside an n-rank MPI job."""
+    cmd = launch.command(n, "pytest", ["--with-mpi", "-q", "-p", "no:cacheprovider",
+                                       str(Path(__file__))])
+    env = launch.environment()
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env,
+                          cwd=str(REPO))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "passed" in proc.stdout and "failed" not in proc.stdout
+
+
+@pytest.mark.mpi_skip
+def test_only_comm_imports_mpi4py():
+    """comm.py is the only fedmpi module that imports mpi4py."""
+    importers = sorted(
+        str(p.relative_to(REPO)) for p in (REPO / "fedmpi").rglob("*.py")
+        if any(line.strip().startswith(("import mpi4py", "from mpi4py"))
+               for line in p.read_text().splitlines()))
+    assert importers == ["fedmpi/comm.py"]
