@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
-from fedmpi.compress import Compressor, Context, ModelSpec, Payload
+from fedmpi.compress import Compressor, Context, ErrorFeedback, ModelSpec, Payload
 
 
 class Downlink(ABC):
@@ -91,6 +91,10 @@ class DenseDownlink(Downlink):
 class CompressedDownlink(Downlink):
     def __init__(self, spec: ModelSpec, seed: int, compressor: Compressor):
         super().__init__(spec, seed)
+        # the server residual below is this downlink's error feedback: an EF wrapper
+        # (compressor.ef = true, meant for the uplink) would add the unsent part twice
+        if isinstance(compressor, ErrorFeedback):
+            compressor = compressor.inner
         self.compressor = compressor
         self.residual = torch.zeros(spec.d, dtype=torch.float32, device=spec.device)
         self.state = compressor.init_state(-1)

@@ -5,6 +5,8 @@ not depend on how clients were spread over ranks:
 
 * ``mean``:     Delta = (1/|P|) sum_{i in P} D(m_i)            (3SFC, FedAvg-as-practised)
 * ``weighted``: Delta = sum_{i in P} n_i D(m_i) / sum_{i in P} n_i   (FedAvg paper)
+* ``majority``: Delta = sign(sum_{i in P} sign(D(m_i)))   (signSGD with majority vote,
+  Bernstein et al. 2019; ties give 0)
 
 then ``w^{t+1} = w^t + server.lr * Delta``.
 
@@ -70,6 +72,11 @@ class Server:
                   ) -> torch.Tensor:
         """server.lr * (mean or sample-weighted mean of the updates), summed by client id."""
         clients = sorted(updates)
+        if self.cfg.server.aggregation == "majority":  # signSGD with majority vote
+            votes = torch.zeros_like(self.params)
+            for cid in clients:
+                votes.add_(torch.sign(updates[cid]))
+            return votes.sign_().mul_(self.cfg.server.lr)
         if self.cfg.server.aggregation == "weighted":
             total = float(sum(num_samples[c] for c in clients))
             weights = [num_samples[c] / total for c in clients]

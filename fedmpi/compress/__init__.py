@@ -14,9 +14,16 @@ from fedmpi.compress.base import (
     ModelSpec,
     Payload,
 )
+from fedmpi.compress.dgc import DGC
 from fedmpi.compress.identity import Identity
+from fedmpi.compress.qsgd import QSGD
+from fedmpi.compress.randk import RandK
+from fedmpi.compress.signsgd import SignSGD
+from fedmpi.compress.stc import STC
+from fedmpi.compress.topk import TopK
 
 REGISTRY: dict[str, type[Compressor]] = {cls.name: cls for cls in (Identity,)}
+REGISTRY.update({cls.name: cls for cls in (TopK, RandK, DGC, SignSGD, STC, QSGD)})
 
 
 def build(cfg, spec: ModelSpec) -> Compressor:
