@@ -1,8 +1,43 @@
 """Models and a flat-vector view of their parameters.
 
+The image models are those of the 3SFC code (Zhou et al., "Communication-Efficient
+Federated Learning with Single-Step Synthetic Features Compressor for Faster
+Convergence", ICCV 2023; ``Soptq/iccv23-3sfc``, ``models/*.py``), which removes every
+BatchNorm and Dropout layer; all convolutions and linear layers carry a bias. Parameter
+counts are pinned by the tests (ALGORITHMS.md section 2.4).
+
 * ``mlp``: ``Linear(D_in, 200) - ReLU - Linear(200, 200) - ReLU - Linear(200, C)`` on the
-  flattened input, as in the 3SFC code (``models/mlp.py``): 199,210 parameters on MNIST.
+  flattened input (``model.hidden`` = 200): 199,210 parameters on MNIST, 209,662 on
+  EMNIST-byclass. D_in comes from the dataset (the 3SFC code fixes 784).
 * ``logreg``: multinomial logistic regression, the model of FedProx's Synthetic(a, b).
+* ``mnistnet``: ``Conv(1,16,3) - ReLU - Conv(16,32,3) - MaxPool2 - Linear(4608,64) - ReLU -
+  Linear(64,C)``; 1x28x28 inputs only. 300,426 parameters on MNIST, 303,806 on EMNIST.
+* ``convnet``: 4 x [Conv3x3(->32, padding 2) -> GroupNorm(32, 32) -> ReLU -> MaxPool2] with
+  *one* GroupNorm module shared by the four blocks, then ``Linear(288, C)``. The input
+  channels come from the dataset (the 3SFC factory passes 3; the class takes any), and
+  the input must end as 32x3x3 (true for 28x28 and 32x32). 31,594 parameters on CIFAR-10.
+* ``resnet18``: the CIFAR ResNet-18 (3x3 stem, no max-pool, BasicBlocks [2,2,2,2] of
+  widths 64-128-256-512, 1x1 conv projection shortcuts, 4x4 average pool,
+  ``Linear(512, C)``) with all BatchNorm removed; 3x32x32 inputs. 11,169,162 parameters
+  on CIFAR-10, 11,215,332 on CIFAR-100.
+* ``regnetx_200mf``: RegNetX-200MF (stem Conv3x3(3->64); stages of depths [1,1,4,7],
+  widths [24,56,152,368], strides [1,1,2,2]; X blocks 1x1 -> grouped 3x3 (group width 8)
+  -> 1x1, bottleneck ratio 1, no SE), no BatchNorm except GroupNorm(8) after the 1x1 conv
+  of each projection shortcut; global average pool, ``Linear(368, C)``; 3-channel inputs.
+  2,312,690 parameters on CIFAR-10.
+* ``vgg11star``: "VGG11*" of the 3SFC code: conv3x3 widths
+  [32,M,64,M,128,128,M,256,256,M,256,256,M] (M = MaxPool2) with ReLU, then
+  ``Linear(256,256) - ReLU - Linear(256,256) - ReLU - Linear(256,C)``; convolution weights
+  drawn from N(0, 2 / (9 * out_channels)) with zero bias as in that code; 3x32x32 inputs.
+  2,440,394 parameters on CIFAR-10.
+* ``lenet5``: the 3-channel LeNet-5 of the 3SFC code: ``Conv(3,6,5) - ReLU - MaxPool2 -
+  Conv(6,16,5) - ReLU - MaxPool2 - Linear(400,120) - ReLU - Linear(120,84) - ReLU -
+  Linear(84,C)``; 3x32x32 inputs.
+
+Every model takes its input shape and class count from the dataset; :func:`fit_error`
+says (without allocating weights: it runs the model on the ``meta`` device) whether a
+model accepts a dataset's input shape, and the config check turns a mismatch into a
+``ConfigError`` on ``model.name``.
 
 :class:`FlatModel` re-seats every parameter (and its gradient) as a view into one
 contiguous fp32 vector, so "load the global model", "compute the update" and "take an SGD
@@ -17,6 +52,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedmpi.config import ModelConfig
@@ -36,8 +72,179 @@ def logreg(input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig) -> 
     return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), num_classes))
 
 
+def mnistnet(input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3), nn.ReLU(),
+        nn.Conv2d(16, 32, 3), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 12 * 12, 64), nn.ReLU(),
+        nn.Linear(64, num_classes),
+    )
+
+
+class ConvNet(nn.Module):
+    """Four conv blocks sharing one GroupNorm/ReLU/MaxPool module, then one linear layer."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels if i == 0 else width, width, 3, padding=2) for i in range(4))
+        self.norm_act_pool = nn.Sequential(nn.GroupNorm(width, width), nn.ReLU(),
+                                           nn.MaxPool2d(2))
+        self.fc = nn.Linear(width * 3 * 3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = self.norm_act_pool(conv(x))
+        return self.fc(x.flatten(1))
+
+
+def convnet(input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig) -> nn.Module:
+    if len(input_shape) != 3:
+        raise ValueError(f"convnet needs CxHxW images, not inputs of shape {input_shape}")
+    return ConvNet(input_shape[0], num_classes)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block without BatchNorm: relu(conv2(relu(conv1 x)) + shortcut x)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.shortcut = (nn.Conv2d(c_in, c_out, 1, stride=stride)
+                         if stride != 1 or c_in != c_out else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv2(F.relu(self.conv1(x))) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, padding=1)
+        blocks, c_in = [], 64
+        for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
+            c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.relu(self.stem(x)))
+        return self.fc(F.avg_pool2d(x, 4).flatten(1))
+
+
+def resnet18(input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig) -> nn.Module:
+    return ResNet18(num_classes)
+
+
+class XBlock(nn.Module):
+    """RegNetX block without BatchNorm (bottleneck ratio 1, no squeeze-excitation)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, group_width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=stride, padding=1,
+                               groups=c_out // group_width)
+        self.conv3 = nn.Conv2d(c_out, c_out, 1)
+        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride),
+                                       nn.GroupNorm(8, c_out))
+                         if stride != 1 or c_in != c_out else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv3(F.relu(self.conv2(F.relu(self.conv1(x)))))
+        return F.relu(out + self.shortcut(x))
+
+
+class RegNetX200MF(nn.Module):
+    DEPTHS, WIDTHS, STRIDES, GROUP_WIDTH = (1, 1, 4, 7), (24, 56, 152, 368), (1, 1, 2, 2), 8
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, padding=1)
+        blocks, c_in = [], 64
+        for depth, width, stride in zip(self.DEPTHS, self.WIDTHS, self.STRIDES, strict=True):
+            for i in range(depth):
+                blocks.append(XBlock(c_in, width, stride if i == 0 else 1, self.GROUP_WIDTH))
+                c_in = width
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(self.WIDTHS[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.relu(self.stem(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def regnetx_200mf(input_shape: tuple[int, ...], num_classes: int,
+                  cfg: ModelConfig) -> nn.Module:
+    return RegNetX200MF(num_classes)
+
+
+VGG11STAR = (32, "M", 64, "M", 128, 128, "M", 256, 256, "M", 256, 256, "M")
+
+
+def vgg11star(input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig) -> nn.Module:
+    layers: list[nn.Module] = []
+    c_in = 3
+    for v in VGG11STAR:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            conv = nn.Conv2d(c_in, v, 3, padding=1)
+            nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (9 * v)))
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.ReLU()]
+            c_in = v
+    return nn.Sequential(*layers, nn.Flatten(),
+                         nn.Linear(256, 256), nn.ReLU(),
+                         nn.Linear(256, 256), nn.ReLU(),
+                         nn.Linear(256, num_classes))
+
+
+def lenet5(input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120), nn.ReLU(),
+        nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )
+
+
 ModelFactory = Callable[[tuple[int, ...], int, ModelConfig], nn.Module]
-MODELS: dict[str, ModelFactory] = {"mlp": mlp, "logreg": logreg}
+MODELS: dict[str, ModelFactory] = {
+    "mlp": mlp, "logreg": logreg, "mnistnet": mnistnet, "convnet": convnet,
+    "resnet18": resnet18, "regnetx_200mf": regnetx_200mf, "vgg11star": vgg11star,
+    "lenet5": lenet5,
+}
+
+#: what each model accepts, for the mismatch message
+INPUTS: dict[str, str] = {
+    "mlp": "any input (flattened)", "logreg": "any input (flattened)",
+    "mnistnet": "1x28x28 images", "convnet": "Cx28x28 or Cx32x32 images",
+    "resnet18": "3x32x32 images", "regnetx_200mf": "3-channel images",
+    "vgg11star": "3x32x32 images", "lenet5": "3x32x32 images",
+}
+
+
+def fit_error(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> str | None:
+    """None if ``cfg.name`` maps a batch of ``input_shape`` to ``num_classes`` logits, else
+    why not. Runs the model on the ``meta`` device: shapes only, no weights allocated."""
+    shape = tuple(int(s) for s in input_shape)
+    try:
+        with torch.device("meta"):
+            module = MODELS[cfg.name](shape, num_classes, cfg)
+            out = module(torch.empty((2, *shape)))
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return (f"{cfg.name} takes {INPUTS.get(cfg.name, '?')}, not inputs of shape "
+                f"{'x'.join(map(str, shape))} ({first})")
+    if tuple(out.shape) != (2, num_classes):
+        return (f"{cfg.name} maps inputs of shape {'x'.join(map(str, shape))} to outputs "
+                f"of shape {tuple(out.shape[1:])}, not {num_classes} class logits")
+    return None
 
 
 def build_module(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int,
