@@ -227,6 +227,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         slots = slots[slots[:, 1] == 1]  # wire order: by rank, then client id
         wire = [int(c) for c in slots[:, 0]]
         sizes = [int(s) for s in slots[:, 2]]
+        by_id = slots[np.argsort(slots[:, 0], kind="stable")]  # rank-count independent sums
         t1 = time.perf_counter()
         updates = server.decode(rnd, wire, sizes, gathered)
         step = server.aggregate(updates, {int(s[0]): int(s[5]) for s in slots})
@@ -268,14 +269,14 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         row = {
             "round": rnd, "wall_time": time.perf_counter() - start,
             "test_acc": acc, "test_loss": loss,
-            "train_loss": float(np.mean(slots[:, 3])), "participants": len(wire),
+            "train_loss": float(np.mean(by_id[:, 3])), "participants": len(wire),
             "uplink_bytes": c.uplink, "uplink_payload_bytes": int(sum(sizes)),
             "downlink_bytes": c.downlink, "downlink_payload_bytes": down_client_bytes,
             "meta_bytes": c.meta,
             "compression_ratio_up": compressor.dense_bytes() * len(wire) / max(1, c.uplink),
             "compression_ratio_down": (4 * model.d / per_broadcast if per_broadcast
                                        else float("nan")),
-            "efficiency_mean": float(np.mean(slots[:, 4])),
+            "efficiency_mean": float(np.mean(by_id[:, 4])),
             "time_round": round_time, "time_train": time_train, "time_encode": time_encode,
             "time_decode": t2 - t1, "time_eval": t3 - t2,
             "time_comm": max(0.0, round_time - time_train - time_encode - (t4 - t1)),

@@ -72,7 +72,7 @@ def test_local_training_equals_torch_sgd_reference():
         out.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
         opt.step()
-        losses.append(float(out))
+        losses.append(float(out.detach()))
     expect = torch.nn.utils.parameters_to_vector(ref.parameters()) - w0
     assert steps == 6
     torch.testing.assert_close(update, expect, rtol=1e-5, atol=1e-6)
