@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from fedmpi.compress import Compressor, Context, ModelSpec, Payload
 from fedmpi.config import Config
-from fedmpi.data import Normalizer
+from fedmpi.data import Normalizer, augmenter
 from fedmpi.models import FlatModel
 from fedmpi.sam import Estimator
 
@@ -115,12 +115,13 @@ class ClientGroup:
         params, grad = model.params, model.grad
         momentum = torch.zeros_like(params) if c.momentum > 0 else None
         batches = batch_schedule(len(shard), self.cfg, round_, cid)
+        augment = augmenter(self.cfg, round_, cid)  # data.augment (identity when off)
         loss_sum = torch.zeros((), device=params.device)
         est = self.estimator
         est.begin_client(cid, state, self.global_params, round_)
         for k, idx in enumerate(batches):
             index = torch.from_numpy(idx).to(shard.x.device)
-            xb, yb = self.normalize(shard.x[index]), shard.y[index]
+            xb, yb = self.normalize(augment(shard.x[index])), shard.y[index]
             eps = est.perturbation(model, xb, yb, k)
             if eps is not None:
                 params.add_(eps)  # the gradient is taken at the perturbed point w + eps

@@ -3,10 +3,12 @@
 Only rank 0 loads a dataset (:func:`load`); it partitions the training split
 (:func:`partition`) and the transport sends every client rank the samples of the clients
 it owns, so a client rank holds only its own clients' data and never imports torchvision.
-Samples stay in their storage dtype (uint8 for images) until a batch is drawn;
-:class:`Normalizer` turns a batch into normalised float32 on the rank's device.
+Samples stay in their storage dtype (uint8 for images, channels first) until a batch is
+drawn; :class:`Normalizer` turns a batch into normalised float32 on the rank's device, and
+:class:`Augmenter` (``data.augment``, CIFAR only) crops and flips a batch there first.
 
-Datasets
+Datasets (the image sets are read by torchvision from ``data.root`` or
+``$FEDMPI_DATA_ROOT``; nothing is downloaded unless ``data.download = true``)
   ``synthetic``  Synthetic(alpha, beta) of FedProx (Li et al., "Federated Optimization in
                  Heterogeneous Networks", MLSys 2020), the LEAF generator: client k has
                  W_k, b_k ~ N(u_k, 1), u_k ~ N(0, alpha); x ~ N(v_k, diag(j^-1.2)),
@@ -15,14 +17,45 @@ Datasets
                  fedmpi addition: the uncapped tail reaches 10^5 samples). Each client's
                  samples are split train/test by ``syn_test_frac``; the test set is the union
                  of the held-out parts. Partition ``natural`` keeps each client's own data.
-  ``mnist``      torchvision MNIST (official train/test split), no normalisation beyond /255.
+  ``mnist``      MNIST, ``<root>/MNIST/raw/``: 1x28x28, 10 classes.
+  ``fmnist``     Fashion-MNIST, ``<root>/FashionMNIST/raw/``: 1x28x28, 10 classes.
+  ``emnist``     EMNIST, ``<root>/EMNIST/raw/``, split ``data.emnist_split``: byclass (62
+                 classes, the 3SFC default), bymerge (47), balanced (47), letters (26; the
+                 files' labels 1..26 become 0..25), digits (10), mnist (10). Images as
+                 torchvision returns them (transposed relative to MNIST, as in 3SFC).
+  ``cifar10``    CIFAR-10, ``<root>/cifar-10-batches-py/``: 3x32x32, 10 classes.
+  ``cifar100``   CIFAR-100, ``<root>/cifar-100-python/``: 3x32x32, 100 (fine) classes.
+  The MNIST family is only scaled to [0, 1] (as 3SFC's ``ToTensor``); CIFAR is then
+  normalised per channel with the 3SFC code's mean/std (CIFAR-10: (0.4914, 0.4822, 0.4465)
+  / (0.2023, 0.1994, 0.2010); CIFAR-100: (0.5071, 0.4867, 0.4408) / (0.2675, 0.2565,
+  0.2761)). The test split is the official test set, unless ``data.train_frac`` < 1: then
+  (3SFC's protocol) the train split is shuffled and its first ``train_frac`` share is the
+  training set, the rest the test set. ``max_train`` / ``max_test`` keep a random subset
+  (3SFC's EMNIST: 50,000 / 10,000). CIFAR batch files are checked against torchvision's
+  md5 sums unless ``data.check_md5 = false``.
 
-Partitions (all driven by an explicit ``numpy.random.Generator``)
+Partitions (all driven by an explicit ``numpy.random.Generator``; ALGORITHMS.md section 6)
   ``natural``    the generator's own clients (synthetic only).
   ``iid``        a uniform random split into near-equal parts.
-  ``dirichlet``  per-class Dirichlet over clients, as 3SFC's ``split_noniid``: for every
-                 class c, p_c ~ Dir(alpha 1_N) and the shuffled class indices are cut at
-                 cumsum(p_c) n_c. Client sizes are unequal.
+  ``dirichlet``  (variant A) per-class Dirichlet over clients, as 3SFC's ``split_noniid``:
+                 for every class c, p_c ~ Dir(alpha 1_N) and the shuffled class indices are
+                 cut at cumsum(p_c) n_c. Client sizes are unequal; no minimum size.
+  ``dirichlet_balanced``  (variant B, NIID-Bench, Li et al., ICDE 2022) as ``dirichlet``,
+                 but before normalising p_c the share of every client that already holds
+                 >= n/N samples is zeroed, and the whole draw is repeated until every client
+                 has at least ``data.min_size`` samples (at most 1000 draws).
+  ``client_dirichlet``  (variant C, FL-Simulator) client i draws a class mixture
+                 q_i ~ Dir(alpha 1_C) and its n/N class labels i.i.d. from q_i (equal client
+                 sizes). Each class's demands, in random order, take the class's shuffled
+                 samples in turn and wrap around when demand exceeds supply, as
+                 FL-Simulator refills an exhausted class: this variant may repeat samples
+                 (and then leaves others unused); the other partitions use every sample
+                 exactly once.
+  ``shards``     pathological non-IID: every client holds ``data.classes_per_client`` = c
+                 distinct classes, chosen client by client among the classes held by the
+                 fewest clients so far (random ties), so every class is held and holder
+                 counts differ by at most one; each class's shuffled samples are split
+                 evenly among its holders.
 """
 
 from __future__ import annotations
@@ -33,11 +66,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fedmpi.config import Config, DataConfig
 
 TAG_DATA = 101  # random-stream tags: numpy.random.default_rng([seed, TAG, ...])
 TAG_PARTITION = 102
+TAG_SPLIT = 103  # train_frac / max_train / max_test subsets
+TAG_AUGMENT = 104  # per (round, client): crop offsets and flips
+
+MAX_REDRAWS = 1000  # dirichlet_balanced: give up after this many draws
 
 
 class DataError(RuntimeError):
@@ -98,6 +136,45 @@ class Normalizer:
         return out
 
 
+class Augmenter:
+    """Random crop with ``pad`` zero pixels of padding, then a random horizontal flip.
+
+    Works on a storage-dtype (N, C, H, W) batch on its own device with one gather (no
+    per-sample Python), before normalisation, so padding is black as in torchvision's
+    ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip()``. Offsets and flips come from
+    ``numpy.random.default_rng([seed, TAG_AUGMENT, round, client])``, drawn batch by batch,
+    so a client's augmentation does not depend on the rank that trains it.
+    """
+
+    def __init__(self, seed: int, round_: int, client: int, pad: int = 4):
+        self.rng = np.random.default_rng([seed, TAG_AUGMENT, round_, client])
+        self.pad = pad
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        p = self.pad
+        dy, dx = self.rng.integers(0, 2 * p + 1, size=(2, b))
+        flip = self.rng.random(b) < 0.5
+        rows = dy[:, None] + np.arange(h)
+        cols = dx[:, None] + np.where(flip[:, None], np.arange(w)[::-1], np.arange(w))
+        dev = x.device
+        rows_t = torch.from_numpy(rows).to(dev)[:, None, :, None]
+        cols_t = torch.from_numpy(cols).to(dev)[:, None, None, :]
+        bi = torch.arange(b, device=dev)[:, None, None, None]
+        ci = torch.arange(c, device=dev)[None, :, None, None]
+        return F.pad(x, (p, p, p, p))[bi, ci, rows_t, cols_t]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def augmenter(cfg: Config, round_: int, client: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The training-batch transform of one client's round: an :class:`Augmenter` when
+    ``data.augment`` is set, else the identity."""
+    return Augmenter(cfg.run.seed, round_, client) if cfg.data.augment else _identity
+
+
 # ---------------------------------------------------------------------------- datasets
 
 
@@ -106,12 +183,16 @@ def data_root(cfg: DataConfig) -> str:
     return os.environ.get("FEDMPI_DATA_ROOT") or cfg.root
 
 
+EMNIST_CLASSES = {"byclass": 62, "bymerge": 47, "balanced": 47, "letters": 26, "digits": 10,
+                  "mnist": 10}
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
+
+
 def _synthetic_info(cfg: DataConfig) -> DatasetInfo:
     return DatasetInfo("synthetic", (cfg.syn_dim,), cfg.syn_classes)
-
-
-def _mnist_info(cfg: DataConfig) -> DatasetInfo:
-    return DatasetInfo("mnist", (1, 28, 28), 10, scale=1.0 / 255.0)
 
 
 def synthetic_client(cfg: DataConfig, seed: int, client: int) -> tuple[np.ndarray, np.ndarray]:
@@ -156,32 +237,150 @@ def _load_synthetic(cfg: DataConfig, seed: int) -> LoadedData:
                       ArrayDataset(np.concatenate(test_x), np.concatenate(test_y)), natural)
 
 
-def _torchvision_split(cls_name: str, root: str, train: bool, download: bool, expected: str,
-                       **kwargs) -> tuple[np.ndarray, np.ndarray]:
+def _mnist_info(cfg: DataConfig) -> DatasetInfo:
+    return DatasetInfo("mnist", (1, 28, 28), 10, scale=1.0 / 255.0)
+
+
+def _fmnist_info(cfg: DataConfig) -> DatasetInfo:
+    return DatasetInfo("fmnist", (1, 28, 28), 10, scale=1.0 / 255.0)
+
+
+def _emnist_info(cfg: DataConfig) -> DatasetInfo:
+    return DatasetInfo("emnist", (1, 28, 28), EMNIST_CLASSES[cfg.emnist_split],
+                       scale=1.0 / 255.0)
+
+
+def _cifar10_info(cfg: DataConfig) -> DatasetInfo:
+    return DatasetInfo("cifar10", (3, 32, 32), 10, 1.0 / 255.0, CIFAR10_MEAN, CIFAR10_STD)
+
+
+def _cifar100_info(cfg: DataConfig) -> DatasetInfo:
+    return DatasetInfo("cifar100", (3, 32, 32), 100, 1.0 / 255.0, CIFAR100_MEAN,
+                       CIFAR100_STD)
+
+
+def _require_files(cfg: DataConfig, folder: str, files: tuple[str, ...], what: str) -> None:
+    """DataError naming ``folder`` and the missing files (skipped when downloading)."""
+    if cfg.download:
+        return
+    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+    if not missing:
+        return
+    packed = [f for f in missing if os.path.isfile(os.path.join(folder, f + ".gz"))]
+    hint = (f"; the archives {', '.join(f + '.gz' for f in packed)} are there: unpack them "
+            "(gunzip -k)" if packed else "")
+    raise DataError(f"{what} not found: {os.path.abspath(folder)} lacks {', '.join(missing)} "
+                    f"(expected: {', '.join(files)}){hint}. Point data.root (or "
+                    "FEDMPI_DATA_ROOT) at the folder that holds it, or set data.download = "
+                    "true to let torchvision fetch it")
+
+
+def _torchvision_split(cls, root: str, train: bool, download: bool, folder: str,
+                       files: tuple[str, ...], **kwargs):
+    """Instantiate a torchvision dataset; any failure becomes a DataError naming ``folder``."""
+    try:
+        return cls(root, train=train, download=download, **kwargs)
+    except Exception as exc:  # torchvision raises RuntimeError, OSError, ValueError, ...
+        action = "downloaded" if download else "read"
+        raise DataError(f"{cls.__name__} files under {os.path.abspath(folder)} could not be "
+                        f"{action} (expected: {', '.join(files)}; corrupt or truncated?): "
+                        f"{type(exc).__name__}: {exc}") from None
+
+
+def _checked(x: np.ndarray, y: np.ndarray, info: DatasetInfo, folder: str,
+             split: str) -> ArrayDataset:
+    """Sanity of what was read: sample shape, matching lengths, labels in range."""
+    where = f"{info.name} {split} split under {os.path.abspath(folder)}"
+    if x.shape[1:] != info.input_shape:
+        raise DataError(f"{where}: samples of shape {x.shape[1:]}, expected {info.input_shape}")
+    if len(x) != len(y):
+        raise DataError(f"{where}: {len(x)} images but {len(y)} labels")
+    if len(y) == 0:
+        raise DataError(f"{where}: no samples")
+    if y.min() < 0 or y.max() >= info.num_classes:
+        raise DataError(f"{where}: labels in [{y.min()}, {y.max()}], expected "
+                        f"0..{info.num_classes - 1} (wrong files for this dataset or split?)")
+    return ArrayDataset(x, y)
+
+
+def _load_idx(cfg: DataConfig, info: DatasetInfo, cls_name: str, split: str | None = None
+              ) -> LoadedData:
+    """The MNIST family: IDX files in ``<root>/<cls_name>/raw/``."""
     import torchvision  # only rank 0 loads datasets; client ranks never import this
 
+    root = data_root(cfg)
+    folder = os.path.join(root, cls_name, "raw")
+    kwargs = {}
+    if split is None:
+        files = IDX_FILES
+    else:
+        kwargs["split"] = split
+        files = tuple(f"emnist-{split}-{s}-{kind}-ubyte" for s in ("train", "test")
+                      for kind in ("images-idx3", "labels-idx1"))
+    _require_files(cfg, folder, files, cls_name)
     cls = getattr(torchvision.datasets, cls_name)
-    try:
-        ds = cls(root, train=train, download=download, **kwargs)
-    except RuntimeError as exc:
-        hint = "" if download else " (set data.download = true to let torchvision fetch them)"
-        raise DataError(f"{cls_name} not found or corrupt under {os.path.abspath(root)}: "
-                        f"expected {expected}{hint}; torchvision said: {exc}") from None
-    except (OSError, EOFError, ValueError, AssertionError) as exc:
-        raise DataError(f"{cls_name} files under {os.path.abspath(root)} could not be read "
-                        f"(expected {expected}): {type(exc).__name__}: {exc}") from None
-    x = np.asarray(ds.data)
-    y = np.asarray(ds.targets, dtype=np.int64)
-    return x, y
+    out = []
+    for train in (True, False):
+        ds = _torchvision_split(cls, root, train, cfg.download, folder, files, **kwargs)
+        x = np.asarray(ds.data)[:, None]
+        y = np.asarray(ds.targets, dtype=np.int64)
+        if split == "letters":
+            y = y - 1  # torchvision keeps the files' labels 1..26 (class 0 is "N/A")
+        out.append(_checked(x, y, info, folder, "train" if train else "test"))
+    return LoadedData(info, out[0], out[1])
+
+
+def _load_cifar(cfg: DataConfig, info: DatasetInfo, cls_name: str) -> LoadedData:
+    """CIFAR-10/100: pickled batches, read by torchvision, stored channels first."""
+    import torchvision  # only rank 0 loads datasets; client ranks never import this
+    from torchvision.datasets.utils import check_integrity
+
+    base = getattr(torchvision.datasets, cls_name)
+    root = data_root(cfg)
+    folder = os.path.join(root, base.base_folder)
+    entries = [*base.train_list, *base.test_list, [base.meta["filename"], base.meta["md5"]]]
+    files = tuple(f for f, _ in entries)
+    _require_files(cfg, folder, files, cls_name)
+    cls = base
+    if not cfg.check_md5:  # torchvision's loading code, minus its checksum test
+        cls = type(cls_name, (base,), {
+            "train_list": [[f, None] for f, _ in base.train_list],
+            "test_list": [[f, None] for f, _ in base.test_list],
+            "meta": {**base.meta, "md5": None}})
+    elif not cfg.download:
+        bad = [f for f, md5 in entries if not check_integrity(os.path.join(folder, f), md5)]
+        if bad:
+            raise DataError(f"{cls_name} files under {os.path.abspath(folder)} differ from "
+                            f"the official archive (md5 mismatch: {', '.join(bad)}); replace "
+                            "them, or set data.check_md5 = false to accept re-packed files")
+    out = []
+    for train in (True, False):
+        ds = _torchvision_split(cls, root, train, cfg.download, folder, files)
+        x = np.ascontiguousarray(np.asarray(ds.data).transpose(0, 3, 1, 2))  # NHWC -> NCHW
+        y = np.asarray(ds.targets, dtype=np.int64)
+        del ds
+        out.append(_checked(x, y, info, folder, "train" if train else "test"))
+    return LoadedData(info, out[0], out[1])
 
 
 def _load_mnist(cfg: DataConfig, seed: int) -> LoadedData:
-    root = data_root(cfg)
-    expected = ("MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]")
-    splits = [_torchvision_split("MNIST", root, t, cfg.download, expected) for t in (True, False)]
-    (trx, try_), (tex, tey) = splits
-    return LoadedData(_mnist_info(cfg), ArrayDataset(trx[:, None], try_),
-                      ArrayDataset(tex[:, None], tey))
+    return _load_idx(cfg, _mnist_info(cfg), "MNIST")
+
+
+def _load_fmnist(cfg: DataConfig, seed: int) -> LoadedData:
+    return _load_idx(cfg, _fmnist_info(cfg), "FashionMNIST")
+
+
+def _load_emnist(cfg: DataConfig, seed: int) -> LoadedData:
+    return _load_idx(cfg, _emnist_info(cfg), "EMNIST", cfg.emnist_split)
+
+
+def _load_cifar10(cfg: DataConfig, seed: int) -> LoadedData:
+    return _load_cifar(cfg, _cifar10_info(cfg), "CIFAR10")
+
+
+def _load_cifar100(cfg: DataConfig, seed: int) -> LoadedData:
+    return _load_cifar(cfg, _cifar100_info(cfg), "CIFAR100")
 
 
 @dataclass(frozen=True)
@@ -193,16 +392,52 @@ class DatasetEntry:
 DATASETS: dict[str, DatasetEntry] = {
     "synthetic": DatasetEntry(_synthetic_info, _load_synthetic),
     "mnist": DatasetEntry(_mnist_info, _load_mnist),
+    "fmnist": DatasetEntry(_fmnist_info, _load_fmnist),
+    "emnist": DatasetEntry(_emnist_info, _load_emnist),
+    "cifar10": DatasetEntry(_cifar10_info, _load_cifar10),
+    "cifar100": DatasetEntry(_cifar100_info, _load_cifar100),
 }
+
+#: datasets whose images ``data.augment`` may crop and flip
+AUGMENTABLE = ("cifar10", "cifar100")
 
 
 def info(cfg: DataConfig) -> DatasetInfo:
     return DATASETS[cfg.dataset].info(cfg)
 
 
+def resplit(loaded: LoadedData, cfg: DataConfig, seed: int) -> LoadedData:
+    """Apply ``train_frac`` (test = held-out share of the train split) and the
+    ``max_train`` / ``max_test`` caps, from the stream ``[seed, TAG_SPLIT]``."""
+    if cfg.train_frac >= 1.0 and not cfg.max_train and not cfg.max_test:
+        return loaded
+    rng = np.random.default_rng([seed, TAG_SPLIT])
+    train, test = loaded.train, loaded.test
+    if cfg.train_frac < 1.0:
+        n = len(train)
+        cut = int(cfg.train_frac * n)
+        if cut < 1 or cut >= n:
+            raise DataError(f"data.train_frac = {cfg.train_frac} of {n} training samples "
+                            f"leaves {cut} for training and {n - cut} for testing")
+        perm = rng.permutation(n)
+        train_idx, test_idx = perm[:cut], perm[cut:]
+        if cfg.max_train:
+            train_idx = train_idx[:cfg.max_train]
+        if cfg.max_test:
+            test_idx = test_idx[:cfg.max_test]
+        train, test = train.subset(np.sort(train_idx)), train.subset(np.sort(test_idx))
+    else:
+        if cfg.max_train and cfg.max_train < len(train):
+            train = train.subset(np.sort(rng.permutation(len(train))[:cfg.max_train]))
+        if cfg.max_test and cfg.max_test < len(test):
+            test = test.subset(np.sort(rng.permutation(len(test))[:cfg.max_test]))
+    return LoadedData(loaded.info, train, test, loaded.natural)
+
+
 def load(cfg: Config) -> LoadedData:
     """Load both splits of ``cfg.data.dataset`` (rank 0 only)."""
-    return DATASETS[cfg.data.dataset].load(cfg.data, cfg.run.seed)
+    loaded = DATASETS[cfg.data.dataset].load(cfg.data, cfg.run.seed)
+    return resplit(loaded, cfg.data, cfg.run.seed)
 
 
 # ---------------------------------------------------------------------------- partitions
@@ -224,7 +459,85 @@ def _dirichlet(labels: np.ndarray, n: int, cfg: DataConfig, rng: np.random.Gener
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
-PARTITIONS: dict[str, Callable | None] = {"natural": None, "iid": _iid, "dirichlet": _dirichlet}
+def _dirichlet_balanced(labels: np.ndarray, n: int, cfg: DataConfig,
+                        rng: np.random.Generator):
+    total = len(labels)
+    if cfg.min_size * n > total:
+        raise DataError(f"data.min_size = {cfg.min_size} x data.num_clients = {n} exceeds "
+                        f"the {total} training samples")
+    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    for _ in range(MAX_REDRAWS):
+        parts: list[list[np.ndarray]] = [[] for _ in range(n)]
+        sizes = np.zeros(n, dtype=np.int64)
+        for members in by_class:
+            idx = rng.permutation(members)
+            fracs = rng.dirichlet(np.full(n, cfg.alpha))
+            open_ = sizes < total / n  # clients below the mean size may still grow
+            fracs = fracs * open_
+            if fracs.sum() <= 0:  # every open share underflowed (tiny alpha)
+                fracs = open_.astype(np.float64)
+            fracs = fracs / fracs.sum()
+            cuts = (np.cumsum(fracs)[:-1] * len(idx)).astype(int)
+            for i, piece in enumerate(np.split(idx, cuts)):
+                parts[i].append(piece)
+                sizes[i] += len(piece)
+        if sizes.min() >= cfg.min_size:
+            return [np.sort(np.concatenate(p)) for p in parts]
+    raise DataError(f"data.partition 'dirichlet_balanced': no draw in {MAX_REDRAWS} gave every "
+                    f"one of {n} clients at least data.min_size = {cfg.min_size} samples "
+                    f"(alpha = {cfg.alpha}); raise data.alpha or lower data.min_size")
+
+
+def _client_dirichlet(labels: np.ndarray, n: int, cfg: DataConfig,
+                      rng: np.random.Generator):
+    classes = np.unique(labels)
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    quota = np.full(n, len(labels) // n, dtype=np.int64)
+    quota[:len(labels) % n] += 1
+    mix = rng.dirichlet(np.full(len(classes), cfg.alpha), size=n)
+    demand = np.stack([rng.multinomial(quota[i], mix[i] / mix[i].sum()) for i in range(n)])
+    parts: list[list[np.ndarray]] = [[] for _ in range(n)]
+    for j, members in enumerate(by_class):
+        takers = rng.permutation(np.repeat(np.arange(n), demand[:, j]))
+        taken = members[np.arange(len(takers)) % len(members)]  # wraps: a refilled class
+        taken = taken[np.argsort(takers, kind="stable")]
+        for i, piece in enumerate(np.split(taken, np.cumsum(demand[:, j])[:-1])):
+            parts[i].append(piece)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def _shards(labels: np.ndarray, n: int, cfg: DataConfig, rng: np.random.Generator):
+    classes = np.unique(labels)
+    k, c = len(classes), cfg.classes_per_client
+    if c > k:
+        raise DataError(f"data.classes_per_client = {c} exceeds the {k} classes in the "
+                        "training set")
+    if n * c < k:
+        raise DataError(f"data.num_clients x data.classes_per_client = {n} x {c} < {k} "
+                        "classes: some classes would belong to no client")
+    holders: list[list[int]] = [[] for _ in range(k)]
+    count = np.zeros(k, dtype=np.int64)
+    for i in range(n):  # the c least-held classes, ties broken at random
+        chosen = np.lexsort((rng.random(k), count))[:c]
+        count[chosen] += 1
+        for j in chosen:
+            holders[j].append(i)
+    parts: list[list[np.ndarray]] = [[] for _ in range(n)]
+    for j, cls in enumerate(classes):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        for i, piece in zip(holders[j], np.array_split(idx, len(holders[j])), strict=True):
+            parts[i].append(piece)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+PARTITIONS: dict[str, Callable | None] = {
+    "natural": None, "iid": _iid, "dirichlet": _dirichlet,
+    "dirichlet_balanced": _dirichlet_balanced, "client_dirichlet": _client_dirichlet,
+    "shards": _shards,
+}
+
+#: partitions that may give a sample to several clients (the others use each exactly once)
+REPEATING = ("client_dirichlet",)
 
 
 def partition(loaded: LoadedData, cfg: Config) -> list[np.ndarray]:
@@ -243,8 +556,9 @@ def partition(loaded: LoadedData, cfg: Config) -> list[np.ndarray]:
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
     if empty:
         raise DataError(f"data.partition {cfg.data.partition!r} left clients {empty[:10]} "
-                        f"without samples (alpha = {cfg.data.alpha}); raise data.alpha or "
-                        "lower data.num_clients")
+                        f"without samples (alpha = {cfg.data.alpha}, classes_per_client = "
+                        f"{cfg.data.classes_per_client}); raise data.alpha, use "
+                        "dirichlet_balanced, or lower data.num_clients")
     return parts
 
 
