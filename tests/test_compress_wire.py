@@ -55,6 +55,15 @@ def test_signs_pack_eight_per_byte(bits):
     np.testing.assert_array_equal(wire.unpack_bits(buf, len(bits)), np.asarray(bits, bool))
 
 
+@FAST
+@given(st.lists(st.booleans(), max_size=100))
+def test_signs_unpack_to_plus_minus_one(bits):
+    b = np.asarray(bits, dtype=bool)
+    got = wire.unpack_signs(wire.pack_bits(b), b.size)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.where(b, -1.0, 1.0))
+
+
 def test_sign_bits_are_lsb_first():
     np.testing.assert_array_equal(wire.pack_bits(np.array([1, 0, 0, 0, 0, 0, 0, 0, 1])),
                                   np.array([1, 1], dtype=np.uint8))

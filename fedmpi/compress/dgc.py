@@ -146,8 +146,9 @@ class DGC(Compressor):
         u = zeros.clone() if self.cfg.momentum > 0 else None
         return DGCState(v=zeros, u=u)
 
-    def _encode(self, update: torch.Tensor, state: DGCState, ctx: Context):
-        """(payload, new state, v before masking); the old state is left untouched."""
+    def _encode(self, update: torch.Tensor, state: DGCState, ctx: Context,
+                want_target: bool = False):
+        """(payload, new state, v before masking or None); the old state is untouched."""
         c = self.cfg
         g = update.detach().reshape(-1).to(torch.float32)
         if c.clip_norm > 0:
@@ -169,7 +170,7 @@ class DGC(Compressor):
                 v = state.v + u
         else:
             v = state.v + g
-        target = v.clone()
+        target = v.clone() if want_target else None
         ratio, counts = self.ratio_at(ctx.round), self.counts_at(ctx.round)
         rng = ctx.numpy_rng(TAG_DGC)
         mag = v.abs()
@@ -196,7 +197,7 @@ class DGC(Compressor):
         residual), the vector DGC tries to transmit."""
         out = []
         for upd, st, ctx in zip(updates, states, ctxs, strict=True):
-            payload, new, target = self._encode(upd, st, ctx)
+            payload, new, target = self._encode(upd, st, ctx, want_target=True)
             out.append((payload, new, self.decode(payload, ctx), target))
         return out
 

@@ -33,7 +33,7 @@ from fedmpi.compress.base import Compressor, Context, ModelSpec, Payload
 from fedmpi.config import ConfigError
 
 TAG_QSGD = 541
-MAX_LEVELS = 2**31 - 1  # codes must fit 32 bits
+MAX_LEVELS = 2**16 - 1  # levels stay exact in fp32 arithmetic
 
 
 class QSGD(Compressor):
@@ -57,8 +57,6 @@ class QSGD(Compressor):
         self.bucket = cfg.bucket if 0 < cfg.bucket < spec.d else spec.d
         self.n_buckets = -(-spec.d // self.bucket)
         self.width = 1 + math.ceil(math.log2(cfg.levels + 1))
-        if self.width > 32:
-            raise ConfigError("compressor.levels", "codes wider than 32 bits")
 
     def payload_bytes(self) -> int:
         return wire.packed_size(self.spec.d, self.width) + 4 * self.n_buckets
@@ -74,24 +72,31 @@ class QSGD(Compressor):
         x = self._buckets(update.detach().reshape(-1).to(torch.float32))
         norms = torch.linalg.vector_norm(x, dim=1)
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        r = x.abs().mul_(s / safe[:, None])
-        low = torch.floor(r)
-        u = torch.rand(r.shape, generator=ctx.torch_generator(TAG_QSGD)).to(r.device)
-        level = (low + (u < (r - low)).to(r.dtype)).clamp_(max=s)
-        level[norms == 0] = 0
-        codes = (level.to(torch.int64) * 2 + (x < 0).to(torch.int64)).reshape(-1)
-        codes = codes[:self.spec.d].cpu().numpy()
+        # r = s |v_j| / ||v||; floor(r + U), U ~ U[0, 1), is l + 1 with probability r - l
+        level = x.abs().mul_(s / safe[:, None])
+        uniform = torch.rand(level.shape, generator=ctx.torch_generator(TAG_QSGD))
+        level.add_(uniform.to(level.device)).floor_().clamp_(max=s)
+        dtype = torch.uint8 if self.width <= 8 else torch.int64
+        codes = level.to(dtype).mul_(2).add_((x < 0).to(dtype)).reshape(-1)[:self.spec.d]
         return Payload({"norms": norms.cpu().numpy().astype(np.float32),
-                        "codes": wire.pack_uint(codes, self.width)}), state
+                        "codes": wire.pack_uint(codes.cpu().numpy(), self.width)}), state
 
     def decode(self, payload: Payload, ctx: Context) -> torch.Tensor:
         d, s = self.spec.d, self.cfg.levels
-        codes = torch.from_numpy(wire.unpack_uint(payload["codes"], self.width, d))
-        level = (codes >> 1).to(torch.float32)
-        sign = 1.0 - 2.0 * (codes & 1).to(torch.float32)
+        codes = wire.unpack_uint(payload["codes"], self.width, d)
+        if self.width <= 8:  # a table of the 2**width code values: one gather
+            table = np.arange(2 ** self.width)
+            table = ((table >> 1) * (1.0 - 2.0 * (table & 1)) / s).astype(np.float32)
+            out = torch.from_numpy(table[codes])
+        else:
+            c = torch.from_numpy(codes)
+            out = (c >> 1).to(torch.float32).mul_(1.0 - 2.0 * (c & 1).to(torch.float32)) / s
         norms = torch.from_numpy(payload["norms"])
-        scale = torch.repeat_interleave(norms / s, self.bucket)[:d]
-        return (level * sign * scale).to(self.spec.device)
+        full = d // self.bucket
+        out[:full * self.bucket].view(full, self.bucket).mul_(norms[:full, None])
+        if full < self.n_buckets:
+            out[full * self.bucket:].mul_(norms[full])
+        return out.to(self.spec.device)
 
     def parse(self, buf: np.ndarray, ctx: Context) -> Payload:
         return Payload.from_bytes(buf, [

@@ -53,7 +53,6 @@ class SignSGD(Compressor):
         super().__init__(cfg, spec)
         self.sizes = segments(spec, cfg.per_layer)
         self.n_scales = len(self.sizes) if cfg.scale == "l1" else 0
-        self.sizes_t = torch.tensor(self.sizes, dtype=torch.int64)
 
     def payload_bytes(self) -> int:
         return (self.spec.d + 7) // 8 + 4 * self.n_scales
@@ -79,11 +78,12 @@ class SignSGD(Compressor):
         return Payload(fields), state
 
     def decode(self, payload: Payload, ctx: Context) -> torch.Tensor:
-        neg = torch.from_numpy(wire.unpack_bits(payload["signs"], self.spec.d))
-        out = 1.0 - 2.0 * neg.to(torch.float32)
+        out = torch.from_numpy(wire.unpack_signs(payload["signs"], self.spec.d))
         if self.n_scales:
-            scales = torch.from_numpy(payload["scales"])
-            out.mul_(torch.repeat_interleave(scales, self.sizes_t))
+            off = 0
+            for n, scale in zip(self.sizes, payload["scales"].tolist(), strict=True):
+                out[off:off + n].mul_(scale)
+                off += n
         return out.to(self.spec.device)
 
     def parse(self, buf: np.ndarray, ctx: Context) -> Payload:

@@ -97,6 +97,18 @@ def unpack_bits(buf: np.ndarray, n: int) -> np.ndarray:
     return np.unpackbits(buf, count=n, bitorder="little").astype(bool)
 
 
+#: byte -> its 8 bits (LSB first) as +1.0 (bit 0) / -1.0 (bit 1)
+_SIGN_TABLE = (1.0 - 2.0 * ((np.arange(256)[:, None] >> np.arange(8)) & 1)).astype(np.float32)
+
+
+def unpack_signs(buf: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` bits of ``buf`` as float32 +1 (bit 0) / -1 (bit 1), by byte table."""
+    buf = np.asarray(buf, dtype=np.uint8).reshape(-1)
+    if buf.size != (n + 7) // 8:
+        raise ValueError(f"{n} bits need {(n + 7) // 8} bytes, got {buf.size}")
+    return _SIGN_TABLE[buf].reshape(-1)[:n]
+
+
 def packed_size(n: int, width: int) -> int:
     """Bytes of ``n`` codes of ``width`` bits: ``ceil(n * width / 8)``."""
     return (int(n) * int(width) + 7) // 8
@@ -112,20 +124,21 @@ def pack_uint(codes: np.ndarray, width: int) -> np.ndarray:
         shifts = np.arange(width, dtype=np.uint32)
         bits = ((codes.astype(np.uint32)[:, None] >> shifts) & 1).astype(np.uint8)
         return np.packbits(bits.reshape(-1), bitorder="little")
-    # groups of 8 codes fill exactly `width` bytes: build each group in one uint64
+    # groups of 8 codes fill exactly `width` bytes: build each group in one uint64,
+    # column by column (contiguous rows of the transposed groups)
     groups = (n + 7) // 8
-    padded = np.zeros(groups * 8, dtype=np.uint64)
+    padded = np.zeros(groups * 8, dtype=np.uint8)
     padded[:n] = codes
-    padded = padded.reshape(groups, 8)
-    word = np.zeros(groups, dtype=np.uint64)
-    for j in range(8):
-        word |= padded[:, j] << np.uint64(j * width)
+    cols = padded.reshape(groups, 8).T.copy()
+    word = cols[0].astype(np.uint64)
+    for j in range(1, 8):
+        word |= cols[j].astype(np.uint64) << np.uint64(j * width)
     out = word.view(np.uint8).reshape(groups, 8)[:, :width].reshape(-1)
     return np.ascontiguousarray(out[:packed_size(n, width)])
 
 
 def unpack_uint(buf: np.ndarray, width: int, n: int) -> np.ndarray:
-    """The inverse of :func:`pack_uint`: ``n`` codes as int64."""
+    """The inverse of :func:`pack_uint`: ``n`` codes (uint8 if ``width <= 8``, else int64)."""
     buf = np.asarray(buf, dtype=np.uint8).reshape(-1)
     if buf.size != packed_size(n, width):
         raise ValueError(f"{n} codes of {width} bits need {packed_size(n, width)} bytes, "
@@ -141,10 +154,10 @@ def unpack_uint(buf: np.ndarray, width: int, n: int) -> np.ndarray:
     wide[:, :width] = raw.reshape(groups, width)
     word = wide.reshape(-1).view("<u8")
     mask = np.uint64((1 << width) - 1)
-    out = np.empty((groups, 8), dtype=np.int64)
+    out = np.empty((8, groups), dtype=np.uint8)
     for j in range(8):
-        out[:, j] = (word >> np.uint64(j * width)) & mask
-    return out.reshape(-1)[:n]
+        out[j] = (word >> np.uint64(j * width)) & mask
+    return out.T.reshape(-1)[:n]
 
 
 # ---------------------------------------------------------------------------- budgets
