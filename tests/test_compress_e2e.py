@@ -64,6 +64,7 @@ def check_missed_round_downloads(run, client_ranks: int) -> None:
     assert sizes[0] == 0 and (sizes[1:] > 0).all()
     dense = 4 * int(run.attrs["num_params"])
     assert (sizes[1:] < dense / 10).all()
+    np.testing.assert_allclose(r["compression_ratio_down"][1:], dense / sizes[1:])
     last = np.full(part.shape[1], -1)
     for t in range(len(sizes)):
         want = 0
