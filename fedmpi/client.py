@@ -52,6 +52,10 @@ class ClientState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+#: divergence codes reported per client (0 = finite)
+DIVERGED = {1: "training loss", 2: "client update", 3: "decoded update"}
+
+
 @dataclass
 class ClientResult:
     client: int
@@ -60,6 +64,7 @@ class ClientResult:
     efficiency: float
     num_samples: int
     steps: int
+    diverged: int = 0  #: a DIVERGED code; such a client sends no payload
 
 
 def batch_schedule(n: int, cfg: Config, round_: int, client: int) -> list[np.ndarray]:
@@ -118,7 +123,7 @@ class ClientGroup:
         augment = augmenter(self.cfg, round_, cid)  # data.augment (identity when off)
         loss_sum = torch.zeros((), device=params.device)
         est = self.estimator
-        est.begin_client(cid, state, self.global_params, round_)
+        est.begin_client(cid, state, self.global_params, round_, lr=lr, steps=len(batches))
         for k, idx in enumerate(batches):
             index = torch.from_numpy(idx).to(shard.x.device)
             xb, yb = self.normalize(augment(shard.x[index])), shard.y[index]
@@ -164,10 +169,19 @@ class ClientGroup:
             ctxs = [Context(round=round_, client=cid, seed=self.cfg.run.seed, spec=self.spec,
                             global_params=self.global_params, model=self.model)
                     for cid in cids]
-            out = self.compressor.compress_many([u for u, _, _ in trained],
-                                                [self.states[c].compressor for c in cids], ctxs)
-            for cid, (_, loss, steps), (payload, state, decoded, target) in zip(
-                    cids, trained, out, strict=True):
+            bad = {cid: (1 if not np.isfinite(loss) else 2) for cid, (u, loss, _) in
+                   zip(cids, trained, strict=True)
+                   if not (np.isfinite(loss) and bool(torch.isfinite(u).all()))}
+            ok = [i for i, cid in enumerate(cids) if cid not in bad]
+            out = iter(self.compressor.compress_many(
+                [trained[i][0] for i in ok], [self.states[cids[i]].compressor for i in ok],
+                [ctxs[i] for i in ok]))
+            for cid, (_, loss, steps) in zip(cids, trained, strict=True):
+                if cid in bad:  # reported, never encoded: its state stays as it was
+                    results.append(ClientResult(cid, Payload({}), loss, float("nan"),
+                                                len(self.shards[cid]), steps, bad[cid]))
+                    continue
+                payload, state, decoded, target = next(out)
                 self.states[cid].compressor = state
                 results.append(ClientResult(cid, payload, loss, cosine(decoded, target),
                                             len(self.shards[cid]), steps))

@@ -48,6 +48,9 @@ class RunConfig:
     mpi_poll_max_ms: float = 2.0  #: longest sleep between two polls of a pending collective
     hdf5_swmr: bool = True  #: single-writer/multiple-reader mode (read while running)
     device: Literal["auto", "cpu", "cuda"] = "auto"  #: auto = cuda:(local_rank % n_gpus) if any
+    #: a NaN/Inf loss, client update, decoded update or global model: stop the run (exit 3),
+    #: or skip the diverged clients that round (the run stops if every client diverged)
+    on_divergence: Literal["stop", "skip"] = "stop"
 
     def validate(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "run.name", "must be a file name")

@@ -32,7 +32,7 @@ from fedmpi.config import Config, loads, to_toml
 #: per-round scalars: name -> dtype (floats are NaN where a metric is not computed)
 ROUND_METRICS: dict[str, str] = {
     "round": "i8", "wall_time": "f8", "test_acc": "f8", "test_loss": "f8", "train_loss": "f8",
-    "participants": "i8",
+    "participants": "i8", "diverged_clients": "i8",
     "uplink_bytes": "i8", "uplink_payload_bytes": "i8",
     "downlink_bytes": "i8", "downlink_payload_bytes": "i8", "meta_bytes": "i8",
     "compression_ratio_up": "f8", "compression_ratio_down": "f8", "efficiency_mean": "f8",
@@ -50,7 +50,7 @@ ROUND_METRICS: dict[str, str] = {
 #: per-round, per-client values: name -> dtype
 CLIENT_METRICS: dict[str, str] = {
     "participation": "i1", "train_loss": "f8", "uplink_bytes": "i8", "efficiency": "f8",
-    "steps": "i8",
+    "steps": "i8", "diverged": "i1",
 }
 
 
@@ -121,15 +121,15 @@ class RunWriter:
         self.f.flush()
 
     def close(self, complete: bool, attrs: dict[str, Any] | None = None) -> None:
-        """Close the file; with ``complete``, reopen it outside SWMR, add ``attrs`` (e.g.
-        per-rank peak RSS), then set ``complete`` last."""
+        """Close the file, reopen it outside SWMR, add ``attrs`` (per-rank peak RSS, why a
+        run stopped, ...), then, with ``complete``, set ``complete`` last."""
         if self.f:
             self.f.close()
             self.f = None
-        if complete:
-            with h5py.File(self.path, "r+", libver=self.libver) as f:
-                for k, v in (attrs or {}).items():
-                    f.attrs[k] = v
+        with h5py.File(self.path, "r+", libver=self.libver) as f:
+            for k, v in (attrs or {}).items():
+                f.attrs[k] = v
+            if complete:
                 f.flush()
                 f.attrs["complete"] = True
 

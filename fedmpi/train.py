@@ -23,6 +23,7 @@ import argparse
 import os
 import resource
 import sys
+import tempfile
 import time
 import traceback
 
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from fedmpi import compress, config, data, downlink, layout, metrics, sam, sharpness
-from fedmpi.client import ClientGroup, Shard
+from fedmpi.client import DIVERGED, ClientGroup, Shard
 from fedmpi.comm import SERVER, Transport, finalize_and_exit
 from fedmpi.compress import ModelSpec
 from fedmpi.models import FlatModel, build_module
@@ -38,7 +39,8 @@ from fedmpi.server import Server, sample_participants
 
 TAG_INIT = 401
 HEADER = 5  # round, stop flag, downlink bytes, participants, estimator bytes; then a mask
-SLOT = 7  # per owned client: id, participated, payload bytes, loss, efficiency, n, steps
+SLOT = 8  # per owned client: id, participated, payload bytes, loss, efficiency, n, steps,
+#          divergence code (fedmpi.client.DIVERGED)
 USER_ERRORS = (config.ConfigError, data.DataError, FileExistsError, PermissionError)
 
 
@@ -80,9 +82,13 @@ def fmt_bytes(n: float) -> str:
 
 
 def output_path(cfg: config.Config, overwrite: bool) -> str:
-    os.makedirs(cfg.run.out_dir, exist_ok=True)
-    if not os.access(cfg.run.out_dir, os.W_OK):
-        raise PermissionError(f"run.out_dir: {os.path.abspath(cfg.run.out_dir)} is not writable")
+    out = os.path.abspath(cfg.run.out_dir)
+    try:  # a real write probe: permission bits say nothing to root or on read-only mounts
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".fedmpi-probe-"):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"run.out_dir: {out} is not writable ({exc.strerror})") from None
     path = os.path.join(cfg.run.out_dir, f"{cfg.run.name}.h5")
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"run.name: {path} exists; pass --overwrite to replace it or "
@@ -178,20 +184,24 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     # 3. rounds ------------------------------------------------------------------------
     header = np.zeros(HEADER + cfg.data.num_clients, dtype=np.int64)
     history = []
+    stopped = None  # rank 0: why the run stops early (divergence), else None
     start = time.perf_counter()
     for rnd in range(cfg.run.rounds):
         t0 = time.perf_counter()
         t.reset_counters()
         if t.is_server:
+            header[1] = stopped is not None
             participants = sample_participants(cfg, rnd)
             down = down_link.server_payload(server.params, rnd).to_bytes()
             extra = estimator.server_payload(rnd).to_bytes()
             down_client_bytes = (down_link.client_bytes(participants, rnd, down.size)
                                  + extra.size * len(participants))
-            header[:HEADER] = (rnd, 0, down.size, len(participants), extra.size)
+            header[[0, 2, 3, 4]] = (rnd, down.size, len(participants), extra.size)
             header[HEADER:] = 0
             header[HEADER + np.asarray(participants)] = 1
         t.bcast_header(header)
+        if header[1]:  # the server stopped the run last round; every rank leaves together
+            break
         participants = [int(i) for i in np.flatnonzero(header[HEADER:])]
         if not t.is_server:
             down = np.empty(int(header[2]), dtype=np.uint8)
@@ -212,7 +222,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             for i, r in enumerate(results):
                 record[2 + i * SLOT:2 + (i + 1) * SLOT] = (
                     r.client, 1, r.payload.nbytes, r.train_loss, r.efficiency,
-                    r.num_samples, r.steps)
+                    r.num_samples, r.steps, r.diverged)
             if results:
                 send = np.concatenate([r.payload.to_bytes() for r in results])
         table = t.gather_meta(record)
@@ -229,15 +239,28 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         sizes = [int(s) for s in slots[:, 2]]
         by_id = slots[np.argsort(slots[:, 0], kind="stable")]  # rank-count independent sums
         t1 = time.perf_counter()
-        updates = server.decode(rnd, wire, sizes, gathered)
-        step = server.aggregate(updates, {int(s[0]): int(s[5]) for s in slots})
-        before = server.params.clone()
-        down_link.server_step(server.params, step, rnd, server.model)
-        estimator.server_round_end(before, server.params, rnd, server.model)
+        diverged = {int(s[0]): int(s[7]) for s in slots if s[7]}  # these sent 0 bytes
+        sent = [(c, n) for c, n in zip(wire, sizes, strict=True) if c not in diverged]
+        updates = server.decode(rnd, [c for c, _ in sent], [n for _, n in sent], gathered)
+        diverged.update({cid: 3 for cid, u in updates.items() if not bool(torch.isfinite(u).all())})
+        for cid in diverged:
+            updates.pop(cid, None)
+        if diverged and (cfg.run.on_divergence == "stop" or not updates):
+            cid = min(diverged)
+            stopped = (f"round {rnd}: client {cid}: {DIVERGED[diverged[cid]]} is not finite"
+                       f" ({len(diverged)} client(s) diverged; run.on_divergence = "
+                       f"{cfg.run.on_divergence!r})")
+        elif updates:
+            step = server.aggregate(updates, {int(s[0]): int(s[5]) for s in slots})
+            before = server.params.clone()
+            down_link.server_step(server.params, step, rnd, server.model)
+            estimator.server_round_end(before, server.params, rnd, server.model)
+            if not bool(torch.isfinite(server.params).all()):
+                stopped = f"round {rnd}: the global model is not finite"
         t2 = time.perf_counter()
         last = rnd == cfg.run.rounds - 1
         acc = loss = float("nan")
-        if (rnd + 1) % cfg.eval.every == 0 or last:
+        if (rnd + 1) % cfg.eval.every == 0 or last or stopped:
             acc, loss = server.evaluate()
         t3 = time.perf_counter()
         sharp_row = {}
@@ -254,6 +277,9 @@ def run(args: argparse.Namespace, t: Transport) -> int:
                        ("steps", np.int64))}
         per_client["train_loss"] = np.full(n, np.nan)
         per_client["efficiency"] = np.full(n, np.nan)
+        per_client["diverged"] = np.zeros(n, dtype=np.int8)
+        for cid, code in diverged.items():
+            per_client["diverged"][cid] = code
         for s in slots:
             cid = int(s[0])
             per_client["participation"][cid] = 1
@@ -270,13 +296,14 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             "round": rnd, "wall_time": time.perf_counter() - start,
             "test_acc": acc, "test_loss": loss,
             "train_loss": float(np.mean(by_id[:, 3])), "participants": len(wire),
+            "diverged_clients": len(diverged),
             "uplink_bytes": c.uplink, "uplink_payload_bytes": int(sum(sizes)),
             "downlink_bytes": c.downlink, "downlink_payload_bytes": down_client_bytes,
             "meta_bytes": c.meta,
             "compression_ratio_up": compressor.dense_bytes() * len(wire) / max(1, c.uplink),
             "compression_ratio_down": (4 * model.d / per_broadcast if per_broadcast
                                        else float("nan")),
-            "efficiency_mean": float(np.mean(by_id[:, 4])),
+            "efficiency_mean": float(np.nanmean(by_id[:, 4])) if updates else float("nan"),
             "time_round": round_time, "time_train": time_train, "time_encode": time_encode,
             "time_decode": t2 - t1, "time_eval": t3 - t2,
             "time_comm": max(0.0, round_time - time_train - time_encode - (t4 - t1)),
@@ -289,14 +316,20 @@ def run(args: argparse.Namespace, t: Transport) -> int:
                   f"train {row['train_loss']:.4f}  up {fmt_bytes(c.uplink)} "
                   f"(x{row['compression_ratio_up']:.1f})  down {fmt_bytes(c.downlink)}  "
                   f"{round_time:.2f} s", flush=True)
+        if stopped:
+            print(f"fedmpi: stopping: {stopped}", file=sys.stderr, flush=True)
 
     # 4. finish -------------------------------------------------------------------------
     rss = t.gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    code = 0
     if t.is_server:
-        writer.close(complete=True, attrs={"peak_rss_mb": np.asarray(rss)})
+        attrs = {"peak_rss_mb": np.asarray(rss)}
+        if stopped:
+            attrs["stopped"] = stopped
+        writer.close(complete=stopped is None, attrs=attrs)
         print_summary(cfg, history, path)
-    t.barrier()
-    return 0
+        code = 3 if stopped else 0
+    return int(t.bcast_object(code))
 
 
 def _counts_of(t: Transport, send: np.ndarray) -> np.ndarray:
@@ -314,6 +347,7 @@ def print_summary(cfg: config.Config, history: list[dict], path: str) -> None:
     phases = {k: sum(h[f"time_{k}"] for h in history)
               for k in ("train", "encode", "comm", "decode", "eval")}
     split = "  ".join(f"{k} {v:.1f}s" for k, v in phases.items())
+    accs = accs or [float("nan")]
     print(f"done: {cfg.run.name}: final acc {accs[-1]:.4f} (best {max(accs):.4f}), "
           f"uplink {fmt_bytes(up)}, downlink {fmt_bytes(down)}, "
           f"{len(history)} rounds in {total:.1f} s ({total / max(1, len(history)):.2f} s/round:"
