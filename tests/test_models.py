@@ -166,6 +166,28 @@ def test_flops_of_mnistnet_by_hand():
     assert models.flops_per_sample(module, MNIST) == conv1 + conv2 + fc
 
 
+SHAPES = [(1, 28, 28), (3, 32, 32), (60,), (3, 28, 28), (1, 32, 32), (3, 64, 64), (3, 36, 36),
+          (3, 16, 16), (1, 29, 29), (3, 33, 33), (2, 30, 30), (3, 7, 7)]
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_fit_error_agrees_with_a_real_forward_pass(name):
+    """fit_error is shape arithmetic; it must say yes exactly where a forward pass works."""
+    shared = None
+    for shape in SHAPES:
+        try:
+            if name in ("mlp", "logreg", "convnet"):  # their layers depend on the shape
+                module = models.build_module(ModelConfig(name=name), shape, 7, 0)
+            else:
+                shared = shared or models.build_module(ModelConfig(name=name), shape, 7, 0)
+                module = shared
+            with torch.no_grad():
+                works = tuple(module(torch.zeros(2, *shape)).shape) == (2, 7)
+        except (RuntimeError, ValueError):
+            works = False
+        assert (models.fit_error(ModelConfig(name=name), shape, 7) is None) == works, shape
+
+
 def test_fit_error_names_the_model_and_the_shape():
     msg = models.fit_error(ModelConfig(name="resnet18"), (1, 28, 28), 10)
     assert msg is not None and "resnet18" in msg and "1x28x28" in msg
