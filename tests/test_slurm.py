@@ -1,0 +1,270 @@
+"""slurm/submit.py and slurm/array.sbatch: the rendered job script (snapshot), its options
+and checks, the task script run by bash without SLURM, and a real job array on a
+single-node SLURM cluster started by slurm/local-cluster.sh (skipped, with the reason,
+where the Debian packages or root are missing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedmpi import sweep
+from fedmpi.config import ConfigError
+from fedmpi.metrics import open_run
+
+from .conftest import REPO
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+CLUSTER = REPO / "slurm" / "local-cluster.sh"
+SLURM_DIR = "/tmp/fedmpi-slurm"  # one cluster per machine (fixed ports): a fixed folder
+
+
+def _load_submit():
+    spec = importlib.util.spec_from_file_location("fedmpi_slurm_submit",
+                                                  REPO / "slurm" / "submit.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+submit = _load_submit()
+
+
+def tiny_doc(out_dir: str, seeds=(0, 1), rounds: int = 3, **sweep_extra) -> dict:
+    return {
+        "run": {"rounds": rounds, "threads": 1, "out_dir": out_dir},
+        "data": {"num_clients": 6},
+        "client": {"local_steps": 3},
+        "model": {"hidden": 32},
+        "sweep": {"seeds": list(seeds),
+                  "cases": {"method": {"fedavg": {"compressor.name": "identity"},
+                                       "topk": {"compressor.name": "topk",
+                                                "compressor.ef": True}}},
+                  **sweep_extra},
+    }
+
+
+SNAP_OPTS = submit.Options(partition="gpu", time="2:00:00", nodes=1, ranks_per_node=3,
+                           gpus_per_node=2, cpus_per_task=2, max_parallel=2,
+                           signal_before=300, python="/opt/venv/bin/python",
+                           mpiexec="/opt/venv/bin/mpiexec", workdir="/scratch/fedmpi",
+                           fedmpi_root="/scratch/fedmpi")
+
+
+def test_rendered_script_matches_snapshot():
+    sw = sweep.expand(tiny_doc("runs/snap"), "snap", source="jobs/snap.toml")
+    text = submit.render(sw, sw.points, SNAP_OPTS)
+    snap = SNAPSHOTS / "sbatch_array.sh"
+    if os.environ.get("FEDMPI_UPDATE_SNAPSHOTS") == "1":
+        snap.parent.mkdir(exist_ok=True)
+        snap.write_text(text)
+    assert text == snap.read_text(), ("rendered sbatch script changed; if intended, rerun "
+                                      "with FEDMPI_UPDATE_SNAPSHOTS=1 and review the diff")
+
+
+def sbatch_lines(text: str) -> list[str]:
+    return [ln[len("#SBATCH "):] for ln in text.splitlines() if ln.startswith("#SBATCH ")]
+
+
+def test_render_options_and_requeue_flow():
+    sw = sweep.expand(tiny_doc("runs/x"), "x")
+    text = submit.render(sw, sw.points, SNAP_OPTS)
+    opts = sbatch_lines(text)
+    assert "--array=0-3%2" in opts  # one task per run, %max-parallel
+    for o in ("--nodes=1", "--ntasks-per-node=3", "--gpus-per-node=2", "--partition=gpu",
+              "--time=2:00:00", "--cpus-per-task=2", "--requeue", "--signal=B:USR1@300",
+              "--open-mode=append", "--chdir=/scratch/fedmpi",
+              "--output=/scratch/fedmpi/runs/x/logs/%x_%A_%a.out"):
+        assert o in opts, o
+    names = re.search(r"RUNS=\(\n(.*?)\)", text, re.S).group(1).split()
+    assert names == [p.name for p in sw.points]
+    assert '/opt/venv/bin/mpiexec -n "$SLURM_NTASKS" "$PYTHON" -m mpi4py -m fedmpi.train' \
+        ' "$CONFIG" "${RESUME[@]}"' in text
+    assert 'scontrol requeue "$TASK"' in text and "trap 'on_signal USR1' USR1" in text
+    assert "{{" not in text
+    # no throttle, no GPUs, srun, defaults
+    plain = submit.render(sw, sw.points, submit.Options(launcher="srun", workdir="/w",
+                                                        python="/p/python"))
+    opts = sbatch_lines(plain)
+    assert "--array=0-3" in opts and not any(o.startswith(("--gpus", "--time", "--part"))
+                                             for o in opts)
+    assert 'srun --mpi=pmi2 --kill-on-bad-exit=1 -n "$SLURM_NTASKS" "$PYTHON"' in plain
+    for script in (text, plain):
+        check = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+        assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize("limit, seconds", [("90", 5400), ("5:30", 330), ("2:00:00", 7200),
+                                            ("1-12", 129600), ("1-0:30", 88200),
+                                            ("2-01:02:03", 176523)])
+def test_time_limits(limit, seconds):
+    assert submit.time_seconds(limit) == seconds
+
+
+@pytest.mark.parametrize("opts, key", [
+    (dict(ranks_per_node=8), "method-fedavg_seed-0: data.num_clients"),  # 7 client ranks
+    (dict(time="4:00", signal_before=300), "--signal-before"),
+    (dict(time="soon"), "--time"),
+    (dict(nodes=0), "--nodes"),
+    (dict(max_parallel=-1), "--max-parallel"),
+    (dict(partition="a b"), "--partition"),
+])
+def test_render_checks(opts, key):
+    sw = sweep.expand(tiny_doc("runs/x"), "x")
+    with pytest.raises(ConfigError) as err:
+        submit.render(sw, sw.points, submit.Options(workdir="/w", **opts))
+    assert err.value.key == key
+
+
+def test_dry_run_cli_and_complete_runs_left_out(tmp_path, capsys):
+    f = tmp_path / "s.toml"
+    f.write_text(f"""
+[run]
+rounds = 3
+out_dir = "{tmp_path / 'out'}"
+[data]
+num_clients = 6
+[sweep]
+seeds = [0, 1, 2]
+ranks = 4
+""")
+    sw = sweep.load(str(f))
+    from .test_sweep import _fake_run
+
+    _fake_run(sw.points[1], complete=True)
+    assert submit.main([str(f), "--dry-run", "--max-parallel", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "--array=0-1%2" in sbatch_lines(text)  # 2 of 3 runs
+    assert "--ntasks-per-node=4" in sbatch_lines(text)  # from [sweep] ranks
+    assert re.search(r"RUNS=\(\n(.*?)\)", text, re.S).group(1).split() == ["seed-0", "seed-2"]
+    assert not (tmp_path / "out" / "configs").exists()
+    assert submit.main([str(f), "--dry-run", "--all"]) == 0
+    assert "--array=0-2" in sbatch_lines(capsys.readouterr().out)
+    assert submit.main([str(f), "--dry-run", "--time", "1", "--signal-before", "90"]) == 2
+    assert "--signal-before" in capsys.readouterr().err
+
+
+def fake_slurm_env(tmp_path: Path, task: int = 0) -> dict[str, str]:
+    """Environment of an array task, with an `scontrol` that records its arguments."""
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir(exist_ok=True)
+    fake = bindir / "scontrol"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.calls"}\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    env.update(SLURM_ARRAY_TASK_ID=str(task), SLURM_ARRAY_JOB_ID="77", SLURM_NTASKS="1",
+               PATH=f"{bindir}{os.pathsep}{env['PATH']}",
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def test_task_script_runs_its_run_and_skips_complete(tmp_path):
+    sw = sweep.expand(tiny_doc(str(tmp_path / "out"), seeds=[0]), "t")
+    opts = submit.Options(workdir=str(tmp_path))
+    script = tmp_path / "job.sh"
+    script.write_text(submit.render(sw, sw.points, opts))
+    sweep.write_configs(sw)
+    (tmp_path / "out" / "logs").mkdir(parents=True)
+    env = fake_slurm_env(tmp_path, task=1)
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    topk = sw.points[1]
+    run = open_run(topk.path)
+    assert run.complete and len(run) == 3 and run.config == topk.config
+    assert not os.path.exists(sw.points[0].path)  # task 1 ran point 1 only
+    log = (tmp_path / "out" / "logs" / f"{topk.name}.log").read_text()
+    assert "done:" in log
+    assert "start (restart 0)" in proc.stdout and "complete:" in proc.stdout
+    # a second start of the same task finds the run complete and exits at once
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and "already complete" in proc.stdout
+    assert not (tmp_path / "scontrol.calls").exists()
+
+
+# ---------------------------------------------------------------------------- real SLURM
+
+SLURM_TOOLS = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
+
+
+def slurm_unavailable() -> str | None:
+    missing = [t for t in SLURM_TOOLS if shutil.which(t) is None]
+    if missing:
+        return (f"SLURM not installed (missing {', '.join(missing)}): apt-get install "
+                "--no-install-recommends slurmctld slurmd slurm-client munge")
+    if os.geteuid() != 0:
+        return "starting slurmctld/slurmd needs root"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    why = slurm_unavailable()
+    if why:
+        pytest.skip(why)
+    env = dict(os.environ, SLURM_DIR=SLURM_DIR, SLURM_CONF=f"{SLURM_DIR}/slurm.conf",
+               SLURM_AUTH="munge" if shutil.which("munged") else "none")
+    was_up = subprocess.run([str(CLUSTER), "status"], env=env, capture_output=True
+                            ).returncode == 0
+    up = subprocess.run([str(CLUSTER), "up"], env=env, capture_output=True, text=True,
+                        timeout=180)
+    if up.returncode != 0:
+        logs = "".join(p.read_text()[-2000:] for p in Path(SLURM_DIR, "log").glob("*.log"))
+        pytest.fail(f"local SLURM did not start:\n{up.stdout}{up.stderr}\n{logs}")
+    yield env
+    if not was_up:
+        subprocess.run([str(CLUSTER), "down"], env=env, capture_output=True, timeout=60)
+
+
+def wait_gone(job: str, env: dict, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        q = subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True,
+                           text=True)
+        if q.returncode == 0 and not q.stdout.strip():
+            return
+        time.sleep(0.3)
+    subprocess.run(["scancel", job], env=env)
+    raise AssertionError(f"job {job} still queued after {timeout} s")
+
+
+def task_states(job: str, env: dict) -> dict[int, str]:
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True,
+                         text=True).stdout
+    states = {}
+    for block in out.split("\n\n"):
+        task = re.search(r"ArrayTaskId=(\d+)", block)
+        state = re.search(r"JobState=(\S+).*?ExitCode=(\S+)", block, re.S)
+        if task and state:
+            states[int(task.group(1))] = f"{state.group(1)} {state.group(2)}"
+    return states
+
+
+@pytest.mark.slow
+def test_job_array_on_local_slurm(cluster, tmp_path):
+    sw = sweep.expand(tiny_doc(str(tmp_path / "out"), seeds=[0]), "tiny")
+    opts = submit.Options(ranks_per_node=2, max_parallel=2, workdir=str(tmp_path))
+    job, script = submit.submit(sw, sw.points, opts, env=cluster)
+    wait_gone(job, cluster, timeout=240)
+    logs = tmp_path / "out" / "logs"
+    outs = {p.name: p.read_text() for p in logs.glob("tiny_*.out")}
+    assert sorted(outs) == [f"tiny_{job}_0.out", f"tiny_{job}_1.out"], sorted(outs)
+    for i, p in enumerate(sw.points):
+        run = open_run(p.path)
+        assert run.complete and len(run) == 3, outs
+        assert run.attrs["mpi_size"] == 2  # 1 node x 2 ranks per node
+        assert run.config == p.config
+        assert "done:" in (logs / f"{p.name}.log").read_text()
+        assert f"complete: {p.path}" in outs[f"tiny_{job}_{i}.out"]
+    assert task_states(job, cluster) == {0: "COMPLETED 0:0", 1: "COMPLETED 0:0"}
+    assert submit.select(sw) == []  # submitting again finds nothing to do
