@@ -164,6 +164,12 @@ class Transport:
     def gather_object(self, obj) -> list | None:
         return self.comm.gather(obj, root=SERVER)
 
+    def send_object(self, dest: int, obj) -> None:
+        self.comm.send(obj, dest=dest, tag=13)
+
+    def recv_object(self, source: int = SERVER):
+        return self.comm.recv(source=source, tag=13)
+
     def send_arrays(self, dest: int, arrays: Sequence[np.ndarray]) -> None:
         """Send contiguous arrays to ``dest`` (shapes/dtypes first, then raw buffers)."""
         arrays = [np.ascontiguousarray(a) for a in arrays]

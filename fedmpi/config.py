@@ -254,6 +254,15 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0  #: checkpoint every N rounds (0 = only on SIGTERM / SIGUSR1)
+    path: str = ""  #: checkpoint file; "" = <run.out_dir>/<run.name>.ckpt
+
+    def validate(self) -> None:
+        _require(self.every >= 0, "checkpoint.every", f"must be >= 0 (got {self.every})")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -263,6 +272,7 @@ class Config:
     sam: SamConfig = field(default_factory=SamConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> None:
         _validate_names(self)  # unknown names first: they explain later errors
@@ -273,6 +283,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     "run": RunConfig, "data": DataConfig, "model": ModelConfig, "client": ClientConfig,
     "compressor": CompressorConfig, "sam": SamConfig, "server": ServerConfig, "eval": EvalConfig,
+    "checkpoint": CheckpointConfig,
 }
 
 

@@ -104,6 +104,36 @@ class RunWriter:
         if swmr:
             self.f.swmr_mode = True
 
+    @classmethod
+    def resume(cls, path: str, rows: int, cfg: Config, mpi_size: int,
+               swmr: bool = True) -> RunWriter:
+        """Reopen ``path`` truncated to its first ``rows`` rows, ready to append.
+
+        The rows are copied into a fresh file that then replaces the old one (atomically),
+        which also revives a file whose SWMR writer crashed (those open read-only).
+        """
+        old = open_run(path)
+        if len(old) < rows:
+            raise ValueError(f"{path} has {len(old)} rows, the checkpoint needs {rows}")
+        keep = {k: v for k, v in old.attrs.items()
+                if k not in ("complete", "stopped", "peak_rss_mb", "config", "mpi_size",
+                             "fedmpi_version", "git_commit")}
+        keep["resumed_at_rounds"] = np.append(
+            np.asarray(old.attrs.get("resumed_at_rounds", []), dtype=np.int64), rows)
+        tmp = f"{path}.tmp"
+        w = cls(tmp, cfg, mpi_size, int(old.attrs["num_clients"]), old.partition,
+                attrs=keep, swmr=swmr)
+        for i in range(rows):
+            w.append({k: v[i] for k, v in old.rounds.items() if k in ROUND_METRICS},
+                     {k: v[i] for k, v in old.clients.items() if k in CLIENT_METRICS})
+        w.f.close()
+        os.replace(tmp, path)
+        w.path, w.libver = path, ("latest" if swmr else None)
+        w.f = h5py.File(path, "r+", libver=w.libver)
+        if swmr:
+            w.f.swmr_mode = True
+        return w
+
     def append(self, row: dict[str, Any], clients: dict[str, np.ndarray]) -> None:
         unknown = set(row) - set(ROUND_METRICS) | set(clients) - set(CLIENT_METRICS)
         if unknown:

@@ -30,7 +30,7 @@ import traceback
 import numpy as np
 import torch
 
-from fedmpi import compress, config, data, downlink, layout, metrics, sam, sharpness
+from fedmpi import checkpoint, compress, config, data, downlink, layout, metrics, sam, sharpness
 from fedmpi.client import DIVERGED, ClientGroup, Shard
 from fedmpi.comm import SERVER, Transport, finalize_and_exit
 from fedmpi.compress import ModelSpec
@@ -38,10 +38,11 @@ from fedmpi.models import FlatModel, build_module
 from fedmpi.server import Server, sample_participants
 
 TAG_INIT = 401
-HEADER = 5  # round, stop flag, downlink bytes, participants, estimator bytes; then a mask
+HEADER = 4  # round, downlink bytes, participants, estimator bytes; then a 0/1 client mask
 SLOT = 8  # per owned client: id, participated, payload bytes, loss, efficiency, n, steps,
 #          divergence code (fedmpi.client.DIVERGED)
-USER_ERRORS = (config.ConfigError, data.DataError, FileExistsError, PermissionError)
+USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.ResumeError, FileExistsError,
+               PermissionError)
 
 
 class StopRun(Exception):
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run file")
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint "
+                   "(start afresh if there is none; nothing to do if the run is complete)")
     p.add_argument("--quiet", action="store_true", help="no per-round lines")
     return p.parse_args(argv)
 
@@ -81,7 +84,7 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def output_path(cfg: config.Config, overwrite: bool) -> str:
+def output_path(cfg: config.Config, overwrite: bool, resume: bool = False) -> str:
     out = os.path.abspath(cfg.run.out_dir)
     try:  # a real write probe: permission bits say nothing to root or on read-only mounts
         os.makedirs(out, exist_ok=True)
@@ -90,7 +93,7 @@ def output_path(cfg: config.Config, overwrite: bool) -> str:
     except OSError as exc:
         raise PermissionError(f"run.out_dir: {out} is not writable ({exc.strerror})") from None
     path = os.path.join(cfg.run.out_dir, f"{cfg.run.name}.h5")
-    if os.path.exists(path) and not overwrite:
+    if os.path.exists(path) and not (overwrite or resume):
         raise FileExistsError(f"run.name: {path} exists; pass --overwrite to replace it or "
                               "choose another run.name")
     return path
@@ -130,7 +133,13 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     device = layout.pick_device(cfg.run.device, t.local_rank)
     torch.set_num_threads(layout.thread_count(cfg.run.threads, t.local_size))
     info = data.info(cfg.data)
-    path = on_server(t, lambda: output_path(cfg, args.overwrite))
+    path = on_server(t, lambda: output_path(cfg, args.overwrite, args.resume))
+    saved = on_server(t, lambda: resume_state(cfg, path, device)) if args.resume else None
+    if t.bcast_object(saved == "complete"):
+        if t.is_server:
+            print(f"fedmpi: {path} is already complete; nothing to resume", flush=True)
+        return 0
+    first = int(t.bcast_object(saved["round"] if isinstance(saved, dict) else 0))
 
     # 2. data: load and partition on rank 0, shards to their owners ---------------------
     def load_and_split():
@@ -162,6 +171,8 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     if t.rank in owners:
         group = ClientGroup(cfg, shards, new_model(), compressor, spec, normalizer, estimator)
         group.set_global(model.params)
+    if first:  # resume: server state on rank 0, client states to their (new) owners
+        restore_run(t, saved, owners, model, down_link, estimator, group)
 
     server = writer = None
     if t.is_server:
@@ -171,11 +182,14 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             sharp = sharpness.fixed_subset(loaded.train.x, loaded.train.y,
                                            cfg.eval.sharpness_samples, cfg.run.seed, device)
         del loaded  # rank 0 keeps only the test split (and its own shards, if any)
-        writer = metrics.RunWriter(path, cfg, t.size, cfg.data.num_clients, counts,
-                                   attrs={"num_params": model.d,
-                                          "dense_bytes": compressor.dense_bytes(),
-                                          "owners": str(owners)},
-                                   swmr=cfg.run.hdf5_swmr)
+        if first:
+            writer = metrics.RunWriter.resume(path, first, cfg, t.size, cfg.run.hdf5_swmr)
+        else:
+            writer = metrics.RunWriter(path, cfg, t.size, cfg.data.num_clients, counts,
+                                       attrs={"num_params": model.d,
+                                              "dense_bytes": compressor.dense_bytes(),
+                                              "owners": str(owners)},
+                                       swmr=cfg.run.hdf5_swmr)
         print(f"fedmpi: {cfg.run.name}: {cfg.data.dataset} / {cfg.model.name} "
               f"(d = {model.d:,}), {cfg.data.num_clients} clients on {len(ranks)} client "
               f"rank(s), compressor {compressor.name}, {cfg.run.rounds} rounds -> {path}",
@@ -185,27 +199,44 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     header = np.zeros(HEADER + cfg.data.num_clients, dtype=np.int64)
     history = []
     stopped = None  # rank 0: why the run stops early (divergence), else None
-    start = time.perf_counter()
-    for rnd in range(cfg.run.rounds):
+    start = time.perf_counter() - (saved["wall_time"] if first and t.is_server else 0.0)
+    signals = checkpoint.SignalFlag()
+    control = np.zeros(2, dtype=np.int64)  # what every rank does before the round
+    code = 0
+    for rnd in range(first, cfg.run.rounds):
         t0 = time.perf_counter()
         t.reset_counters()
         if t.is_server:
-            header[1] = stopped is not None
+            due = cfg.checkpoint.every and rnd > first and rnd % cfg.checkpoint.every == 0
+            control[:] = (rnd, (checkpoint.CONTROL_STOP if stopped else 0)
+                          | (checkpoint.CONTROL_CHECKPOINT if due or signals.raised else 0)
+                          | (checkpoint.CONTROL_EXIT if signals.raised else 0))
+        t.bcast_header(control)
+        if control[1] & checkpoint.CONTROL_STOP:  # the server stopped the run last round
+            break
+        if control[1] & checkpoint.CONTROL_CHECKPOINT:
+            take_checkpoint(t, cfg, rnd, time.perf_counter() - start, model, down_link,
+                            estimator, group)
+        if control[1] & checkpoint.CONTROL_EXIT:
+            code = checkpoint.EXIT_REQUEUE
+            if t.is_server:
+                print(f"fedmpi: signal {signals.raised}: checkpointed before round {rnd}; "
+                      "rerun with --resume", file=sys.stderr, flush=True)
+            break
+        if t.is_server:
             participants = sample_participants(cfg, rnd)
             down = down_link.server_payload(server.params, rnd).to_bytes()
             extra = estimator.server_payload(rnd).to_bytes()
             down_client_bytes = (down_link.client_bytes(participants, rnd, down.size)
                                  + extra.size * len(participants))
-            header[[0, 2, 3, 4]] = (rnd, down.size, len(participants), extra.size)
+            header[:HEADER] = (rnd, down.size, len(participants), extra.size)
             header[HEADER:] = 0
             header[HEADER + np.asarray(participants)] = 1
         t.bcast_header(header)
-        if header[1]:  # the server stopped the run last round; every rank leaves together
-            break
         participants = [int(i) for i in np.flatnonzero(header[HEADER:])]
         if not t.is_server:
-            down = np.empty(int(header[2]), dtype=np.uint8)
-            extra = np.empty(int(header[4]), dtype=np.uint8)
+            down = np.empty(int(header[1]), dtype=np.uint8)
+            extra = np.empty(int(header[3]), dtype=np.uint8)
         t.bcast_payload(down)
         if extra.size:
             t.bcast_payload(extra)
@@ -321,15 +352,71 @@ def run(args: argparse.Namespace, t: Transport) -> int:
 
     # 4. finish -------------------------------------------------------------------------
     rss = t.gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
-    code = 0
     if t.is_server:
         attrs = {"peak_rss_mb": np.asarray(rss)}
         if stopped:
             attrs["stopped"] = stopped
-        writer.close(complete=stopped is None, attrs=attrs)
-        print_summary(cfg, history, path)
-        code = 3 if stopped else 0
+            code = 3
+        writer.close(complete=code == 0, attrs=attrs)
+        if history:
+            print_summary(cfg, history, path)
     return int(t.bcast_object(code))
+
+
+def resume_state(cfg: config.Config, path: str, device) -> dict | str | None:
+    """Rank 0: the checkpoint to resume from, "complete", or None (start afresh)."""
+    if os.path.exists(path):
+        run = metrics.open_run(path)
+        checkpoint.check_same_run(run.attrs["config"], cfg, path)
+        if run.complete and len(run) >= cfg.run.rounds:
+            return "complete"
+    ckpt = checkpoint.path_for(cfg)
+    if not os.path.exists(ckpt):
+        return None
+    state = checkpoint.load(ckpt, device)
+    checkpoint.check_same_run(state["config"], cfg, ckpt)
+    if not os.path.exists(path):
+        raise checkpoint.ResumeError(f"{ckpt} exists but its run file {path} does not")
+    return state
+
+
+def take_checkpoint(t: Transport, cfg, rnd: int, elapsed: float, model, down_link,
+                    estimator, group) -> None:
+    """Every rank: send client states to rank 0, which writes the checkpoint atomically."""
+    mine = ({cid: group.states[cid] for cid in group.clients}, group.global_params.cpu()
+            ) if group is not None else ({}, None)
+    gathered = t.gather_object(mine)
+    if not t.is_server:
+        return
+    clients: dict = {}
+    for states, _ in gathered:
+        clients.update(states)
+    replica = next(r for _, r in gathered if r is not None)
+    checkpoint.save(checkpoint.path_for(cfg), {
+        "round": rnd, "config": config.to_toml(cfg), "wall_time": elapsed,
+        "params": model.params.cpu(), "replica": replica, "clients": clients,
+        "downlink": checkpoint.object_state(down_link),
+        "estimator": checkpoint.object_state(estimator)})
+
+
+def restore_run(t: Transport, saved, owners, model, down_link, estimator, group) -> None:
+    """Rank 0 restores the server state and sends each client rank its clients' states."""
+    if t.is_server:
+        model.params.copy_(saved["params"])
+        checkpoint.restore(down_link, saved["downlink"])
+        checkpoint.restore(estimator, saved["estimator"])
+        for r, cids in owners.items():
+            part = ({c: saved["clients"][c] for c in cids}, saved["replica"])
+            if r == SERVER:
+                mine = part
+            else:
+                t.send_object(r, part)
+    elif group is not None:
+        mine = t.recv_object(SERVER)
+    if group is not None:
+        states, replica = mine
+        group.states.update(states)
+        group.set_global(replica.to(group.global_params.device))
 
 
 def _counts_of(t: Transport, send: np.ndarray) -> np.ndarray:
