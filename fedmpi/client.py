@@ -151,20 +151,82 @@ class ClientGroup:
         update = params - self.global_params
         return update, float(loss_sum) / len(batches), len(batches)
 
+    def train_batched(self, cids: list[int], round_: int
+                      ) -> list[tuple[torch.Tensor, float, int]]:
+        """``local_train`` for several clients at once: one vmapped forward/backward per
+        step over the clients' stacked weights (torch.func). Clients whose batch schedules
+        have the same shape (same steps, same batch sizes) train together; the result
+        equals the sequential path to float tolerance. Plain SGD (no SAM estimator)."""
+        from torch.func import functional_call, grad_and_value, vmap
+
+        c = self.cfg.client
+        module = self.model.module
+        names = [n for n, _ in module.named_parameters()]
+        sizes = [int(np.prod(s)) for s in self.model.shapes]
+
+        def loss_of(flat, x, y):
+            params = {n: t.view(shape) for n, t, shape in
+                      zip(names, flat.split(sizes), self.model.shapes, strict=True)}
+            return F.cross_entropy(functional_call(module, params, (x,)), y)
+
+        step_fn = vmap(grad_and_value(loss_of))
+        schedules = {cid: batch_schedule(len(self.shards[cid]), self.cfg, round_, cid)
+                     for cid in cids}
+        groups: dict[tuple, list[int]] = {}
+        for cid in cids:
+            groups.setdefault(tuple(len(b) for b in schedules[cid]), []).append(cid)
+        out = {}
+        for group in groups.values():
+            w = self.global_params.expand(len(group), -1).clone()
+            lrs = torch.tensor([c.lr * c.lr_decay ** self.states[cid].rounds_trained
+                                for cid in group], device=w.device).unsqueeze(1)
+            momentum = torch.zeros_like(w) if c.momentum > 0 else None
+            augments = [augmenter(self.cfg, round_, cid) for cid in group]
+            loss_sum = torch.zeros(len(group), device=w.device)
+            steps = len(schedules[group[0]])
+            for k in range(steps):
+                xs, ys = [], []
+                for cid, augment in zip(group, augments, strict=True):
+                    shard = self.shards[cid]
+                    index = torch.from_numpy(schedules[cid][k]).to(shard.x.device)
+                    xs.append(self.normalize(augment(shard.x[index])))
+                    ys.append(shard.y[index])
+                g, loss = step_fn(w, torch.stack(xs), torch.stack(ys))
+                loss_sum += loss.detach()
+                if c.grad_clip > 0:
+                    g.mul_(torch.clamp(c.grad_clip / (g.norm(dim=1, keepdim=True) + 1e-12),
+                                       max=1.0))
+                if c.weight_decay > 0:
+                    g.add_(w, alpha=c.weight_decay)
+                if momentum is not None:
+                    g = momentum.mul_(c.momentum).add_(g)
+                w.sub_(lrs * g)
+            for i, cid in enumerate(group):
+                self.states[cid].rounds_trained += 1
+                out[cid] = (w[i] - self.global_params, float(loss_sum[i]) / steps, steps)
+        return [out[cid] for cid in cids]
+
     def run_round(self, round_: int, participants: list[int]) -> list[ClientResult]:
         """Train and encode this group's participating clients, in client-id order.
 
-        Clients are trained and encoded in chunks of ``compressor.batch_clients`` (1 for
-        most compressors: train, encode, next), so a compressor with a batched encoder
-        fits several clients at once while the rank holds at most that many updates.
+        ``client.execution``: ``sequential`` trains and encodes one client at a time;
+        ``auto`` trains one at a time but encodes in chunks of ``compressor.batch_clients``
+        (1 for most compressors; 3SFC fits several clients at once); ``batched`` trains and
+        encodes all of the rank's participants together. A rank holds at most one chunk of
+        updates.
         """
         mine = [cid for cid in self.clients if cid in set(participants)]
-        chunk = max(1, self.compressor.batch_clients)
+        execution = self.cfg.client.execution
+        chunk = {"sequential": 1, "batched": len(mine)}.get(
+            execution, self.compressor.batch_clients)
         results = []
-        for start in range(0, len(mine), chunk):
-            cids = mine[start:start + chunk]
+        for start in range(0, len(mine), max(1, chunk)):
+            cids = mine[start:start + max(1, chunk)]
             t0 = time.perf_counter()
-            trained = [self.local_train(cid, round_) for cid in cids]
+            if execution == "batched":
+                trained = self.train_batched(cids, round_)
+            else:
+                trained = [self.local_train(cid, round_) for cid in cids]
             t1 = time.perf_counter()
             ctxs = [Context(round=round_, client=cid, seed=self.cfg.run.seed, spec=self.spec,
                             global_params=self.global_params, model=self.model)

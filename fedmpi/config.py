@@ -51,6 +51,9 @@ class RunConfig:
     #: a NaN/Inf loss, client update, decoded update or global model: stop the run (exit 3),
     #: or skip the diverged clients that round (the run stops if every client diverged)
     on_divergence: Literal["stop", "skip"] = "stop"
+    #: rank 0 also owns a client group (it trains between the broadcast and the gather), so
+    #: that P processes keep P cores busy; with one process rank 0 always trains
+    server_trains: bool = False
 
     def validate(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "run.name", "must be a file name")
@@ -139,6 +142,10 @@ class ClientConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float = 0.0  #: clip the global gradient norm to this (0 = off)
+    #: sequential = one client after another; batched = a rank's clients train together
+    #: through torch.func (vmap over clients; plain SGD, sam.name = "none"); auto =
+    #: sequential training, batched where the compressor fits clients together (3SFC)
+    execution: Literal["auto", "sequential", "batched"] = "auto"
 
     def validate(self) -> None:
         _positive(self, "client", "lr")
@@ -314,6 +321,9 @@ def _validate_names(cfg: Config) -> None:
     _require(cfg.compressor.name in compress.REGISTRY, "compressor.name",
              f"unknown compressor {cfg.compressor.name!r}; "
              f"known: {', '.join(sorted(compress.REGISTRY))}")
+    _require(cfg.client.execution != "batched" or cfg.sam.name == "none", "client.execution",
+             "'batched' trains plain SGD only; use 'auto' or 'sequential' with sam.name = "
+             f"{cfg.sam.name!r}")
     _require(cfg.sam.name in sam.ESTIMATORS, "sam.name",
              f"unknown estimator {cfg.sam.name!r}; known: {', '.join(sorted(sam.ESTIMATORS))}")
     params = cfg.compressor.params

@@ -1,7 +1,7 @@
 """Process layout: which rank owns which clients, which device and how many threads.
 
 * Rank 0 is the server. With one process it is also the only client group; with P > 1
-  processes ranks 1..P-1 own the clients.
+  processes ranks 1..P-1 own the clients, or ranks 0..P-1 with ``run.server_trains``.
 * Clients go to client ranks by longest-processing-time on sample counts: clients sorted
   by size (descending, ties by id) each go to the least-loaded rank (ties: lowest rank).
   Every rank computes the same table from the broadcast sample counts.
@@ -20,8 +20,9 @@ import os
 import torch
 
 
-def client_ranks(size: int) -> list[int]:
-    return [0] if size == 1 else list(range(1, size))
+def client_ranks(size: int, server_trains: bool = False) -> list[int]:
+    """Ranks that own clients: all of them with one process or ``run.server_trains``."""
+    return list(range(size)) if size == 1 or server_trains else list(range(1, size))
 
 
 def assign_clients(sizes: list[int], ranks: list[int]) -> dict[int, list[int]]:

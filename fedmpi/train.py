@@ -124,7 +124,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     # 1. config, device, threads -----------------------------------------------------
     cfg = config.load(args.config, args.overrides)
     t.wait_mode, t.poll_max = cfg.run.mpi_wait, cfg.run.mpi_poll_max_ms / 1000.0
-    ranks = layout.client_ranks(t.size)
+    ranks = layout.client_ranks(t.size, cfg.run.server_trains)
     if len(ranks) > cfg.data.num_clients:
         raise config.ConfigError("data.num_clients", f"{len(ranks)} client ranks but only "
                                  f"{cfg.data.num_clients} clients; run with at most "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -108,3 +109,44 @@ def test_flat_model_views():
     F.cross_entropy(m(torch.randn(4, 3)), torch.tensor([0, 1, 1, 0])).backward()
     expect = torch.cat([p.grad.reshape(-1) for p in m.module.parameters()])
     assert torch.equal(m.grad, expect) and float(m.grad.abs().sum()) > 0
+
+
+def _multi_group(cfg, sizes=(37, 37, 12, 37)):
+    d_in, classes = 6, 3
+    info = DatasetInfo("t", (d_in,), classes)
+    g = torch.Generator().manual_seed(0)
+    shards = {cid: Shard(torch.randn(n, d_in, generator=g),
+                         torch.randint(0, classes, (n,), generator=g))
+              for cid, n in enumerate(sizes)}
+    model = FlatModel(build_module(cfg.model, info.input_shape, classes, seed=1))
+    spec = compress.ModelSpec(d=model.d, shapes=model.shapes, input_shape=(d_in,),
+                              num_classes=classes)
+    group = ClientGroup(cfg, shards, model, compress.build(cfg.compressor, spec), spec,
+                        Normalizer(info), sam.build(cfg, spec))
+    group.set_global(model.params.clone())
+    return group
+
+
+@pytest.mark.parametrize("extra", [
+    [], ["client.momentum=0.9", "client.weight_decay=0.01", "client.grad_clip=0.5"],
+    ["client.local_steps=0", "client.local_epochs=2", "client.lr_decay=0.7"],
+])
+def test_batched_execution_equals_sequential(extra):
+    base = ["client.local_steps=5", "client.batch_size=8", "client.lr=0.1", "model.hidden=16",
+            "data.num_clients=4", *extra]
+    seq = _multi_group(config.load(None, [*base, "client.execution=sequential"]))
+    bat = _multi_group(config.load(None, [*base, "client.execution=batched"]))
+    for rnd in range(2):  # round 1 checks the per-client lr decay state too
+        a = seq.run_round(rnd, [0, 1, 2, 3])
+        b = bat.run_round(rnd, [0, 1, 2, 3])
+        for ra, rb in zip(a, b, strict=True):
+            assert ra.client == rb.client and ra.steps == rb.steps
+            torch.testing.assert_close(torch.from_numpy(rb.payload["values"]),
+                                       torch.from_numpy(ra.payload["values"]),
+                                       rtol=1e-4, atol=1e-6)
+            assert abs(ra.train_loss - rb.train_loss) < 1e-5
+
+
+def test_batched_execution_refuses_sam():
+    with pytest.raises(config.ConfigError, match="client.execution"):
+        config.load(None, ["client.execution=batched", "sam.name=fedsam"])

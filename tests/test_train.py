@@ -57,6 +57,15 @@ def test_hdf5_schema_and_completion(runs):
     assert np.isnan(run.rounds["sharpness_lmax"]).all()
 
 
+def test_server_trains_uses_rank_0_and_changes_nothing(tmp_path, runs):
+    run = run_and_open(tmp_path, 2, [*SMALL, "--set", "run.server_trains=true"], name="st")
+    owners = eval(run.attrs["owners"])  # {rank: [clients]}, written by train.py
+    assert set(owners) == {0, 1} and all(owners.values())
+    for metric in ("test_acc", "test_loss", "train_loss"):
+        assert np.array_equal(run.rounds[metric], runs[1].rounds[metric]), metric
+    assert (run.rounds["downlink_bytes"] == 2 * 4 * run.attrs["num_params"]).all()
+
+
 def test_one_client_per_rank(tmp_path):
     run = run_and_open(tmp_path, 7, SMALL, name="n7")
     assert run.complete and len(run) == 3
