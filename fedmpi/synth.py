@@ -1,0 +1,491 @@
+"""Synthetic-feature fitting: find (X, Y) whose loss gradient at w points along a target u.
+
+The fitting step of 3SFC (Zhou et al., "Communication-Efficient Federated Learning with
+Single-Step Synthetic Features Compressor for Faster Convergence", ICCV 2023, arXiv
+2302.13562; E-3SFC, TNNLS 2025, arXiv 2502.03092), shared with FedSynSAM's server-side
+synthetic set. For a model f, weights w (flat fp32), a target vector u (length d) and
+trainable synthetic inputs X (M samples of the dataset's input shape) and soft labels
+Y (M x C), minimise
+
+    J(X, Y) = 1 - |cos(g(X, Y), u)| + lambda (||X||^2 + ||Y||^2),
+    g(X, Y) = grad_w CE(f_w(X), Y)      (soft-target cross-entropy, mean over the M samples,
+                                         Y used raw, as torch's CrossEntropyLoss does)
+
+(``absolute=False`` drops the |.|). The gradient of J with respect to (X, Y) is a double
+backward through the model. As in the official code (``fl_devices.py``,
+``compute_synthetic_sample``): X ~ N(0, 1), Y ~ N(0, 1); LBFGS with torch's defaults
+(lr 1, 20 iterations per step, history 100, no line search) for S outer ``step`` calls
+whose state carries over, keeping the (X, Y) of the smallest finite J seen after a step
+(the official ``0 <= J`` test; J >= 0 here). A plain gradient-descent option
+(``optimizer = "gd"``; ``steps = 1`` is the paper's "single step") is also here.
+
+The vector matched is a :data:`Direction` of (X, Y): :class:`Gradient` (3SFC: one
+gradient at w) or :class:`Replay` (FedSynth: w_K - w after K SGD steps on K synthetic
+batches, differentiated through the unrolled steps).
+
+Two implementations of the same fit:
+
+* :func:`fit` solves B independent problems (one per client, each with its own target and
+  start) at once. :func:`lbfgs` runs B LBFGS instances in lockstep, each with its own
+  history, step sizes and stopping tests (a problem that stops waits; its rows are never
+  touched); per problem it is exactly ``torch.optim.LBFGS``'s algorithm (no line search).
+  The objectives are evaluated either all in one ``torch.func`` call (``functional_call``
+  + ``grad`` + ``vmap``: ``mode = "vmap"``, the fast choice on a GPU) or one problem
+  after another with autograd (``"loop"``: faster on a CPU, where one problem's d-sized
+  intermediates stay in cache; and a problem's result is then bit-identical whatever the
+  batch it is in). The result equals :func:`fit_sequential` up to floating-point rounding
+  (LBFGS without line search amplifies rounding over many iterations).
+* :func:`fit_sequential` is the reference: one ``torch.optim.LBFGS`` per problem with an
+  autograd closure, as the official code does.
+
+The model is never modified: every evaluation passes views of ``w`` to
+``torch.func.functional_call``, so ``w`` may be a server's authoritative global model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, grad_and_value, vmap
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How to fit (X, Y); the defaults are the official code's."""
+
+    steps: int = 10  #: S outer optimiser steps (LBFGS ``step`` calls or GD steps)
+    optimizer: Literal["lbfgs", "gd"] = "lbfgs"
+    lr: float = 1.0  #: LBFGS lr (torch default) or the GD step size
+    max_iter: int = 20  #: LBFGS iterations per outer step (torch default)
+    history_size: int = 100  #: LBFGS memory (torch default)
+    lambd: float = 0.0  #: lambda of the ||X||^2 + ||Y||^2 penalty (E-3SFC; 0 in the paper)
+    absolute: bool = True  #: 1 - |cos| (3SFC) or 1 - cos (a signed match)
+
+
+@dataclass
+class FitResult:
+    x: torch.Tensor  #: (B, M, *input_shape) best synthetic inputs
+    y: torch.Tensor  #: (B, M, C) best soft labels
+    loss: torch.Tensor  #: (B,) float64 objective J at (x, y); inf if no step was finite
+
+
+class SynthModel:
+    """A module seen as a function of a flat weight vector ``w`` (FlatModel order)."""
+
+    def __init__(self, model: Any):
+        self.module: nn.Module = getattr(model, "module", model)
+        named = list(self.module.named_parameters())
+        self.names = [n for n, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        self.d = sum(self.sizes)
+
+    def params(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: t.view(s) for n, t, s in
+                zip(self.names, torch.split(w, self.sizes), self.shapes, strict=True)}
+
+    def loss(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """CE(f_w(x), y) with soft targets ``y`` (M x C), mean over the M samples."""
+        return F.cross_entropy(functional_call(self.module, self.params(w), (x,)), y)
+
+    def grad(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """grad_w CE(f_w(x), y) as a flat vector; plain autograd, no graph kept."""
+        with torch.enable_grad():
+            leaf = w.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.loss(leaf, x, y), leaf)
+        return g
+
+
+# ------------------------------------------------------------------ directions
+
+
+class Gradient:
+    """The 3SFC direction: g(X, Y) = grad_w CE(f_w(X), Y); X (M, *in), Y (M, C)."""
+
+    def __init__(self, sm: SynthModel, m: int, input_shape: tuple[int, ...],
+                 num_classes: int):
+        self.sm = sm
+        self.x_shape = (m, *input_shape)
+        self.y_shape = (m, num_classes)
+
+    def __call__(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The decoder's computation (plain autograd). Encoder and decoder both call it, so
+        a payload decodes to the same bits on every rank (same w, same thread count)."""
+        return self.sm.grad(w, x, y)
+
+    def graph(self, leaf: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The same, differentiable in (x, y) (autograd, create_graph)."""
+        (g,) = torch.autograd.grad(self.sm.loss(leaf, x, y), leaf, create_graph=True)
+        return g
+
+    def func(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The same as a torch.func transform (for vmap)."""
+        return grad(self.sm.loss)(w, x, y)
+
+
+class Replay:
+    """FedSynth's direction: w_K - w after K SGD steps w <- w - lr grad CE(f_w(X_k), Y_k)
+    on the synthetic batches k = 0..K-1; X (K, M, *in), Y (K, M, C)."""
+
+    def __init__(self, sm: SynthModel, batches: int, m: int, input_shape: tuple[int, ...],
+                 num_classes: int, lr: float):
+        self.sm = sm
+        self.lr = lr
+        self.x_shape = (batches, m, *input_shape)
+        self.y_shape = (batches, m, num_classes)
+
+    def __call__(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cur = w
+        for xk, yk in zip(x, y, strict=True):
+            cur = cur - self.lr * self.sm.grad(cur, xk, yk)
+        return cur - w
+
+    def graph(self, leaf: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cur = leaf
+        for xk, yk in zip(x, y, strict=True):
+            (g,) = torch.autograd.grad(self.sm.loss(cur, xk, yk), cur, create_graph=True)
+            cur = cur - self.lr * g
+        return cur - leaf
+
+    def func(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cur = w
+        for k in range(x.shape[0]):
+            cur = cur - self.lr * grad(self.sm.loss)(cur, x[k], y[k])
+        return cur - w
+
+
+Direction = Gradient | Replay
+
+
+# ------------------------------------------------------------------ objective
+
+
+def cosine_objective(g: torch.Tensor, u: torch.Tensor, u_norm: torch.Tensor,
+                     x: torch.Tensor, y: torch.Tensor, lambd: float,
+                     absolute: bool) -> torch.Tensor:
+    """1 - |cos(g, u)| + lambda (||x||^2 + ||y||^2), cos with the official 1e-12 guard."""
+    cos = torch.dot(g, u) / (torch.linalg.vector_norm(g) * u_norm + 1e-12)
+    j = 1.0 - (cos.abs() if absolute else cos)
+    if lambd:
+        j = j + lambd * (x.pow(2).sum() + y.pow(2).sum())
+    return j
+
+
+#: evaluates the problems ``rows`` (int64 indices) at their points ``z`` (len(rows), P);
+#: returns (J (len(rows),), dJ/dz (len(rows), P))
+BatchedFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Packing:
+    """(X, Y) of B problems <-> one (B, P) matrix, P = numel(X) + numel(Y) per problem."""
+
+    def __init__(self, x_shape: tuple[int, ...], y_shape: tuple[int, ...]):
+        self.x_shape = tuple(x_shape)
+        self.y_shape = tuple(y_shape)
+        self.nx = math.prod(self.x_shape)
+
+    def pack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)], 1)
+
+    def unpack(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = z.shape[0]
+        return (z[:, :self.nx].reshape(b, *self.x_shape),
+                z[:, self.nx:].reshape(b, *self.y_shape))
+
+
+def resolve_mode(mode: str, device: torch.device) -> str:
+    """``auto`` -> ``vmap`` on CUDA, ``loop`` elsewhere (see :func:`match_fn`)."""
+    if mode == "auto":
+        return "vmap" if device.type == "cuda" else "loop"
+    if mode not in ("vmap", "loop"):
+        raise ValueError(f"unknown evaluation mode {mode!r}")
+    return mode
+
+
+def match_fn(direction: Direction, w: torch.Tensor, targets: torch.Tensor,
+             opts: FitOptions, mode: str = "auto") -> BatchedFn:
+    """The batched objective: problem b matches ``targets[b]`` at the shared ``w``.
+
+    ``mode``: ``vmap`` evaluates all requested problems in one ``torch.func`` call (fast
+    where kernel launches dominate: GPUs); ``loop`` evaluates them one by one with autograd
+    (fast on CPUs, where every d-sized intermediate of one problem stays in cache);
+    ``auto`` picks vmap on CUDA and loop elsewhere. Both give the same J up to rounding.
+    """
+    w = w.detach()
+    targets = targets.detach()
+    norms = torch.linalg.vector_norm(targets, dim=1)
+    pack = Packing(direction.x_shape, direction.y_shape)
+
+    if resolve_mode(mode, w.device) == "vmap":
+        def one(x, y, u, u_norm):
+            return cosine_objective(direction.func(w, x, y), u, u_norm, x, y, opts.lambd,
+                                    opts.absolute)
+
+        batched = vmap(grad_and_value(one, argnums=(0, 1)))
+
+        def fn(z: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = pack.unpack(z)
+            with torch.enable_grad():
+                (gx, gy), j = batched(x, y, targets[rows], norms[rows])
+            return j.detach(), pack.pack(gx, gy).detach()
+
+        return fn
+
+    leaf = w.clone().requires_grad_(True)
+
+    def fn(z: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = pack.unpack(z)
+        js, gs = [], []
+        with torch.enable_grad():
+            for x0, y0, r in zip(xs, ys, rows.tolist(), strict=True):
+                x = x0.detach().requires_grad_(True)
+                y = y0.detach().requires_grad_(True)
+                j = cosine_objective(direction.graph(leaf, x, y), targets[r], norms[r], x, y,
+                                     opts.lambd, opts.absolute)
+                gx, gy = torch.autograd.grad(j, (x, y))
+                js.append(j.detach())
+                gs.append(torch.cat([gx.reshape(-1), gy.reshape(-1)]))
+        return torch.stack(js), torch.stack(gs)
+
+    return fn
+
+
+# ------------------------------------------------------------------ optimisers
+
+
+class _History:
+    """LBFGS memory of B problems in lockstep: entries in insertion order; row b of an
+    entry belongs to problem b's history only while ``valid[b]`` (else it is zeroed, so
+    it adds exact zeros in the two-loop recursion)."""
+
+    def __init__(self, size: int, batch: int, device: torch.device):
+        self.size = size
+        self.entries: list[list[torch.Tensor]] = []  # [y, s, ro, valid]
+        self.count = torch.zeros(batch, dtype=torch.int64, device=device)
+
+    def add(self, y: torch.Tensor, s: torch.Tensor, ys: torch.Tensor,
+            mask: torch.Tensor) -> None:
+        full = mask & (self.count == self.size)
+        for b in torch.nonzero(full).flatten().tolist():  # drop each full row's oldest
+            for e in self.entries:
+                if e[3][b]:
+                    e[0][b] = 0.0
+                    e[1][b] = 0.0
+                    e[2][b] = 0.0
+                    e[3][b] = False
+                    break
+        self.count += (mask & ~full).long()
+        m = mask[:, None]
+        ro = torch.where(mask, 1.0 / torch.where(mask, ys, 1.0), 0.0)
+        self.entries.append([torch.where(m, y, 0.0), torch.where(m, s, 0.0), ro, mask.clone()])
+        self.entries = [e for e in self.entries if bool(e[3].any())]
+
+    def direction(self, g: torch.Tensor, h_diag: torch.Tensor) -> torch.Tensor:
+        """The two-loop recursion: -H g per row, H from that row's history."""
+        q = g.neg()
+        al = [None] * len(self.entries)
+        for i in range(len(self.entries) - 1, -1, -1):
+            y, s, ro, _ = self.entries[i]
+            al[i] = torch.linalg.vecdot(s, q) * ro
+            q.addcmul_(y, al[i][:, None], value=-1.0)
+        r = q * h_diag[:, None]
+        for i, (y, s, ro, _) in enumerate(self.entries):
+            be = torch.linalg.vecdot(y, r) * ro
+            r.addcmul_(s, (al[i] - be)[:, None])
+        return r
+
+
+def _evaluate(fn: BatchedFn, z: torch.Tensor, mask: torch.Tensor | None = None,
+              j: torch.Tensor | None = None, g: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(J, dJ/dz) of the rows in ``mask`` (all if None), written into copies of ``j``, ``g``
+    (other rows keep their values there)."""
+    b = z.shape[0]
+    rows = (torch.arange(b, device=z.device) if mask is None
+            else torch.nonzero(mask).flatten())
+    j_out = torch.full((b,), math.nan, dtype=z.dtype, device=z.device) if j is None else j.clone()
+    g_out = torch.zeros_like(z) if g is None else g.clone()
+    if rows.numel():
+        j_rows, g_rows = fn(z[rows], rows)
+        j_out[rows] = j_rows.to(z.dtype)
+        g_out[rows] = g_rows.to(z.dtype)
+    return j_out, g_out
+
+
+def lbfgs(fn: BatchedFn, z0: torch.Tensor, steps: int, lr: float = 1.0, max_iter: int = 20,
+          history_size: int = 100, tolerance_grad: float = 1e-7,
+          tolerance_change: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` calls of torch.optim.LBFGS.step (no line search) on each row of ``z0``,
+    all rows in lockstep, keeping per row the point of the smallest finite J seen after
+    a step. Returns (best z, its J as float64; inf where no step gave a finite J)."""
+    b, _ = z0.shape
+    dev = z0.device
+    max_eval = max_iter * 5 // 4
+    z = z0.detach().clone()
+    best_z = z.clone()
+    best = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
+    hist = _History(history_size, b, dev)
+    n_total = torch.zeros(b, dtype=torch.int64, device=dev)
+    d = torch.zeros_like(z)
+    t = torch.zeros(b, dtype=z.dtype, device=dev)
+    h_diag = torch.ones(b, dtype=z.dtype, device=dev)
+    prev_g = torch.zeros_like(z)
+    prev_loss = torch.zeros(b, dtype=torch.float64, device=dev)
+    j, g = _evaluate(fn, z)
+    for _ in range(steps):
+        loss = j.double()
+        running = ~(g.abs().amax(1) <= tolerance_grad)
+        evals = torch.ones(b, dtype=torch.int64, device=dev)
+        n_iter = 0
+        while n_iter < max_iter and bool(running.any()):
+            n_iter += 1
+            n_total += running.long()
+            first = running & (n_total == 1)
+            later = running & (n_total > 1)
+            if bool(later.any()):
+                y = g - prev_g
+                s = d * t[:, None]
+                ys = torch.linalg.vecdot(y, s)
+                add = later & (ys > 1e-10)
+                if bool(add.any()):
+                    hist.add(y, s, ys, add)
+                    h_diag = torch.where(add, ys / torch.linalg.vecdot(y, y), h_diag)
+                d = torch.where(later[:, None], hist.direction(g, h_diag), d)
+            d = torch.where(first[:, None], -g, d)
+            prev_g = torch.where(running[:, None], g, prev_g)
+            prev_loss = torch.where(running, loss, prev_loss)
+            t0 = torch.clamp(1.0 / g.abs().sum(1), max=1.0) * lr
+            t = torch.where(running, torch.where(first, t0, torch.full_like(t, lr)), t)
+            gtd = torch.linalg.vecdot(g, d)
+            running = running & ~(gtd > -tolerance_change)
+            z = torch.where(running[:, None], z + d * t[:, None], z)
+            opt_cond = torch.zeros_like(running)
+            if n_iter != max_iter:
+                j, g = _evaluate(fn, z, running, j, g)
+                loss = torch.where(running, j.double(), loss)
+                opt_cond = g.abs().amax(1) <= tolerance_grad
+                evals += running.long()
+            stop = (opt_cond | (evals >= max_eval) | (n_iter == max_iter)
+                    | ((d * t[:, None]).abs().amax(1) <= tolerance_change)
+                    | ((loss - prev_loss).abs() < tolerance_change))
+            running = running & ~stop
+        j, g = _evaluate(fn, z)  # J after the step; also the next step's start
+        cur = j.double()
+        better = torch.isfinite(cur) & (cur < best)
+        best = torch.where(better, cur, best)
+        best_z = torch.where(better[:, None], z, best_z)
+    return best_z, best
+
+
+def gradient_descent(fn: BatchedFn, z0: torch.Tensor, steps: int,
+                     lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` plain steps z <- z - lr dJ/dz per row, keeping the best point after a step."""
+    z = z0.detach().clone()
+    best_z = z.clone()
+    best = torch.full((z.shape[0],), math.inf, dtype=torch.float64, device=z.device)
+    _, g = _evaluate(fn, z)
+    for _ in range(steps):
+        z = z - lr * g
+        j, g = _evaluate(fn, z)
+        cur = j.double()
+        better = torch.isfinite(cur) & (cur < best)
+        best = torch.where(better, cur, best)
+        best_z = torch.where(better[:, None], z, best_z)
+    return best_z, best
+
+
+def optimise(fn: BatchedFn, z0: torch.Tensor, opts: FitOptions
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    if opts.optimizer == "gd":
+        return gradient_descent(fn, z0, opts.steps, opts.lr)
+    return lbfgs(fn, z0, opts.steps, lr=opts.lr, max_iter=opts.max_iter,
+                 history_size=opts.history_size)
+
+
+# ------------------------------------------------------------------ fitting
+
+
+def init_xy(generator: torch.Generator, x_shape: tuple[int, ...], y_shape: tuple[int, ...],
+            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The official start: X ~ N(0, 1) and Y ~ N(0, 1), drawn on the CPU from
+    ``generator`` (the same numbers whatever the device), X first."""
+    x = torch.randn(x_shape, generator=generator)
+    y = torch.randn(y_shape, generator=generator)
+    return x.to(device), y.to(device)
+
+
+def fit(direction: Direction, w: torch.Tensor, targets: torch.Tensor, x0: torch.Tensor,
+        y0: torch.Tensor, opts: FitOptions = FitOptions(), mode: str = "auto") -> FitResult:
+    """Fit B problems at once at the weights ``w``: ``targets`` (B, d), starts ``x0``
+    (B, *direction.x_shape), ``y0`` (B, *direction.y_shape)."""
+    pack = Packing(direction.x_shape, direction.y_shape)
+    fn = match_fn(direction, w, targets, opts, mode)
+    z, loss = optimise(fn, pack.pack(x0, y0), opts)
+    x, y = pack.unpack(z)
+    return FitResult(x.contiguous(), y.contiguous(), loss)
+
+
+def fit_sequential(direction: Direction, w: torch.Tensor, targets: torch.Tensor,
+                   x0: torch.Tensor, y0: torch.Tensor, opts: FitOptions = FitOptions()
+                   ) -> FitResult:
+    """The reference: problem by problem with ``torch.optim.LBFGS`` (or plain GD) and an
+    autograd double-backward closure, as the official code does."""
+    w = w.detach()
+    xs, ys, losses = [], [], []
+    for u, xi, yi in zip(targets, x0, y0, strict=True):
+        u = u.detach()
+        u_norm = torch.linalg.vector_norm(u)
+        x = xi.detach().clone().requires_grad_(True)
+        y = yi.detach().clone().requires_grad_(True)
+        leaf = w.clone().requires_grad_(True)
+
+        def objective(x=x, y=y, u=u, u_norm=u_norm, leaf=leaf):
+            return cosine_objective(direction.graph(leaf, x, y), u, u_norm, x, y,
+                                    opts.lambd, opts.absolute)
+
+        best_x, best_y, best = x.detach().clone(), y.detach().clone(), math.inf
+        with torch.enable_grad():
+            if opts.optimizer == "gd":
+                for _ in range(opts.steps):
+                    gx, gy = torch.autograd.grad(objective(), (x, y))
+                    with torch.no_grad():
+                        x.sub_(opts.lr * gx)
+                        y.sub_(opts.lr * gy)
+                    cur = float(objective().detach())
+                    if math.isfinite(cur) and cur < best:
+                        best_x, best_y, best = x.detach().clone(), y.detach().clone(), cur
+            else:
+                opt = torch.optim.LBFGS([x, y], lr=opts.lr, max_iter=opts.max_iter,
+                                        history_size=opts.history_size)
+
+                def closure(opt=opt, objective=objective, x=x, y=y):
+                    opt.zero_grad()
+                    j = objective()
+                    j.backward(inputs=[x, y])
+                    return j.detach()
+
+                for _ in range(opts.steps):
+                    opt.step(closure)
+                    cur = float(closure())
+                    if math.isfinite(cur) and cur < best:
+                        best_x, best_y, best = x.detach().clone(), y.detach().clone(), cur
+        xs.append(best_x)
+        ys.append(best_y)
+        losses.append(best)
+    return FitResult(torch.stack(xs), torch.stack(ys),
+                     torch.tensor(losses, dtype=torch.float64, device=w.device))
+
+
+def scale(g: torch.Tensor, u: torch.Tensor) -> float:
+    """s = <g, u> / ||g||^2 = argmin_s ||s g - u||^2; 0 when g = 0 or it is not finite."""
+    gg = float(torch.dot(g, g))
+    if not (gg > 0.0 and math.isfinite(gg)):
+        return 0.0
+    s = float(torch.dot(g, u)) / gg
+    return s if math.isfinite(s) else 0.0
