@@ -85,13 +85,13 @@ class DataConfig:
     alpha: float = 1.0  #: Dirichlet concentration (smaller = more skewed)
     min_size: int = 10  #: dirichlet_balanced: redraw until every client has this many
     classes_per_client: int = 2  #: shards: classes each client holds (pathological-c)
-    num_clients: int = 10
+    num_clients: int = 10  #: clients N (synthetic/natural: the generated clients)
     # Synthetic(alpha, beta) of FedProx / LEAF (Li et al., MLSys 2020)
     syn_alpha: float = 1.0  #: std of the per-client model means u_k ~ N(0, alpha)
     syn_beta: float = 1.0  #: std of the per-client feature means B_k ~ N(0, beta)
     syn_iid: bool = False  #: one shared model and feature mean (the IID variant)
     syn_dim: int = 60  #: feature dimension
-    syn_classes: int = 10
+    syn_classes: int = 10  #: classes of the synthetic task
     syn_min_samples: int = 50  #: samples per client = lognormal(4, 2) + this ...
     syn_max_samples: int = 1000  #: ... capped here (0 = no cap)
     syn_test_frac: float = 0.2  #: per-client share held out for the global test set
@@ -134,13 +134,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ClientConfig:
-    lr: float = 0.05
-    batch_size: int = 32
+    lr: float = 0.05  #: local SGD learning rate
+    batch_size: int = 32  #: local minibatch size (capped at the client's sample count)
     local_steps: int = 10  #: K SGD steps per round for every client (0 = use local_epochs)
     local_epochs: int = 0  #: full passes over each client's own data (0 = use local_steps)
     lr_decay: float = 1.0  #: a client's lr is multiplied by this each time it trains
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+    momentum: float = 0.0  #: local SGD momentum (a fresh buffer every round)
+    weight_decay: float = 0.0  #: L2 weight decay added to the local gradient
     grad_clip: float = 0.0  #: clip the global gradient norm to this (0 = off)
     #: sequential = one client after another; batched = a rank's clients train together
     #: through torch.func (vmap over clients; plain SGD, sam.name = "none"); auto =
@@ -531,3 +531,66 @@ def to_toml(cfg: Config) -> str:
 
 def loads(text: str) -> Config:
     return from_dict(tomllib.loads(text))
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """``#:`` comments of a dataclass's fields (trailing, or on the lines just above)."""
+    import inspect
+    import re
+
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    joined: list[str] = []  # a field whose annotation spans lines is joined first
+    for line in inspect.getsource(cls).splitlines():
+        if joined and joined[-1].count("[") > joined[-1].count("]"):
+            joined[-1] += " " + line.strip()
+        else:
+            joined.append(line)
+    for line in joined:
+        stripped = line.strip()
+        if stripped.startswith("#:"):
+            pending.append(stripped[2:].strip())
+            continue
+        m = re.match(r"^(\w+)\s*:\s*[^=]+=.*?(?:#:\s*(.*))?$", stripped)
+        if m and not stripped.startswith(("def ", "class ")):
+            docs[m.group(1)] = " ".join(pending + ([m.group(2)] if m.group(2) else []))
+        pending = [] if not stripped.startswith("#") else pending
+    return docs
+
+
+def reference_rows() -> list[tuple[str, str, str]]:
+    """(key, default, meaning) for every config key, compressor keys included."""
+    from fedmpi import compress
+
+    rows = []
+    for section, cls in SECTIONS.items():
+        docs = _field_docs(cls)
+        for f in fields(cls):
+            if f.name == "params":
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{section}.{f.name}", _toml_value(default), docs.get(f.name, "")))
+    for name, comp in sorted(compress.REGISTRY.items()):
+        docs = _field_docs(comp.Config)
+        for f in fields(comp.Config):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"compressor.{f.name} ({name})", _toml_value(default),
+                         docs.get(f.name, "")))
+    return rows
+
+
+def reference_markdown() -> str:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{k}` | `{d}` | {m.replace('|', '/')} |" for k, d, m in reference_rows()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--markdown"]:
+        print(reference_markdown())
+    else:
+        print("usage: python -m fedmpi.config --markdown", file=sys.stderr)
+        sys.exit(2)
