@@ -201,6 +201,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     stopped = None  # rank 0: why the run stops early (divergence), else None
     start = time.perf_counter() - (saved["wall_time"] if first and t.is_server else 0.0)
     signals = checkpoint.SignalFlag()
+    cpu0 = time.process_time()
     control = np.zeros(2, dtype=np.int64)  # what every rank does before the round
     code = 0
     for rnd in range(first, cfg.run.rounds):
@@ -351,9 +352,11 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             print(f"fedmpi: stopping: {stopped}", file=sys.stderr, flush=True)
 
     # 4. finish -------------------------------------------------------------------------
-    rss = t.gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    per_rank = t.gather_object((usage.ru_maxrss / 1024.0, time.process_time() - cpu0))
     if t.is_server:
-        attrs = {"peak_rss_mb": np.asarray(rss)}
+        attrs = {"peak_rss_mb": np.asarray([r for r, _ in per_rank]),
+                 "cpu_seconds": np.asarray([c for _, c in per_rank])}
         if stopped:
             attrs["stopped"] = stopped
             code = 3
