@@ -1,0 +1,152 @@
+"""Sharpness per method and compressor: the Hessian's top eigenvalue (λmax) and its trace
+at the last measurement of each run (``eval.sharpness_every``), as grouped bars (x:
+compressor, bars: perturbation estimator; mean over seeds, error bar ±1 std), one figure
+per setting, plus a table; and, where a run measured sharpness more than once, the same
+two quantities against the round.
+
+    python analysis/sharpness.py runs/fedsynsam -o figures/sharpness
+
+Writes ``<out>/sharpness_<setting>.png|pdf`` and ``<out>/sharpness_rounds_<setting>.png|pdf``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+import _path  # noqa: F401
+import numpy as np
+
+from fedmpi import analysis as A
+
+QUANTITIES = (("lmax", "sharpness_lmax", r"Top Hessian eigenvalue $\lambda_{\max}$"),
+              ("trace", "sharpness_trace", r"Hessian trace $\mathrm{tr}(H)$"))
+NO_SAM = "no SAM"
+
+
+def measured(r: A.RunInfo) -> int:
+    return int(np.isfinite(np.asarray(r.run.rounds["sharpness_lmax"], dtype=float)).sum())
+
+
+def cells(table: A.Table, row: str):
+    """(compressors, estimators, {(compressor, estimator): runs}) of one setting."""
+    out: dict[tuple[str, str], list[A.RunInfo]] = {}
+    for m in table.methods:
+        for r in table.runs(row, m):
+            if measured(r):
+                out.setdefault((r.compressor, r.estimator or NO_SAM), []).append(r)
+    comps = list(dict.fromkeys(c for c, _ in out))
+    ests = list(dict.fromkeys(e for _, e in sorted(out, key=lambda k: k[1] != NO_SAM)))
+    return comps, ests, out
+
+
+def plot_bars(table: A.Table, row: str, out_dir: str) -> list[str]:
+    plt = A.pyplot()
+    comps, ests, groups = cells(table, row)
+    col = A.colors(ests)
+    fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.2))
+    width = 0.8 / len(ests)
+    x = np.arange(len(comps))
+    for ax, (metric, _key, label) in zip(axes, QUANTITIES, strict=True):
+        for i, e in enumerate(ests):
+            stats = [A.cell_stat(groups.get((c, e), []), metric) for c in comps]
+            mean = np.array([s.mean for s in stats])
+            std = np.array([s.std if s.n > 1 else 0.0 for s in stats])
+            ax.bar(x + (i - (len(ests) - 1) / 2) * width, np.nan_to_num(mean), width,
+                   yerr=std, capsize=2, color=col[e], label=e,
+                   error_kw={"linewidth": 0.8})
+        ax.set_xticks(x, comps, rotation=20 if len(comps) > 3 else 0, ha="right"
+                      if len(comps) > 3 else "center")
+        ax.set_ylabel(label)
+        ax.set_xlabel("Compressor")
+        ax.grid(axis="x", visible=False)
+    fig.suptitle(f"{row}: sharpness at the last measurement ({A.seeds_note(table, row)})"
+                 .replace("band", "error bar"), fontsize=10)
+    A.figure_legend(fig, axes)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return A.save(fig, os.path.join(out_dir, f"sharpness_{A.slug(row)}"))
+
+
+def plot_rounds(table: A.Table, row: str, out_dir: str) -> list[str]:
+    plt = A.pyplot()
+    col = A.colors(table.methods)
+    fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.2))
+    for ax, (_metric, key, label) in zip(axes, QUANTITIES, strict=True):
+        for m in table.methods:
+            runs = [r for r in table.runs(row, m) if measured(r)]
+            if runs:
+                s = A.series(runs, key)
+                A.plot_band(ax, s.rounds, s, m, col[m])
+                ok = np.isfinite(s.mean)
+                ax.plot(s.rounds[ok], s.mean[ok], "o", color=col[m], markersize=3)
+        ax.set_xlabel("Communication round")
+        A.integer_ticks(ax)
+        ax.set_ylabel(label)
+    fig.suptitle(f"{row}: sharpness during training ({A.seeds_note(table, row)})",
+                 fontsize=10)
+    A.figure_legend(fig, axes)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return A.save(fig, os.path.join(out_dir, f"sharpness_rounds_{A.slug(row)}"))
+
+
+def summary_table(table: A.Table) -> str:
+    lines = ["| setting | estimator | compressor | λmax | trace | seeds |",
+             "|---|---|---|---|---|---|"]
+    for row in table.rows:
+        comps, ests, groups = cells(table, row)
+        for e in ests:
+            for c in comps:
+                runs = groups.get((c, e))
+                if not runs:
+                    continue
+                parts = []
+                for metric, _key, _label in QUANTITIES:
+                    s = A.cell_stat(runs, metric)
+                    parts.append("–" if not math.isfinite(s.mean) else
+                                 A.METRICS[metric].fmt.format(s.mean)
+                                 + (f" ± {A.METRICS[metric].fmt.format(s.std)}"
+                                    if s.n > 1 else ""))
+                lines.append(f"| {row} | {e} | {c} | {parts[0]} | {parts[1]} | {len(runs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python analysis/sharpness.py",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run files (.h5) or folders of them")
+    p.add_argument("-o", "--out", default="figures", help="output folder (default figures)")
+    p.add_argument("--rows", nargs="*", default=[], metavar="SECTION.KEY",
+                   help="config keys that separate figures rather than methods")
+    p.add_argument("--include-incomplete", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        runs = A.load(args.runs, args.include_incomplete)
+    except FileNotFoundError as exc:
+        print(f"sharpness: error: {exc}", file=sys.stderr)
+        return 2
+    runs = [r for r in runs if measured(r)]
+    if not runs:
+        print("sharpness: error: no complete runs with sharpness measurements (set "
+              "eval.sharpness_every)", file=sys.stderr)
+        return 1
+    table = A.group(runs, args.rows)
+    sys.stdout.write(summary_table(table))
+    for row in table.rows:
+        paths = plot_bars(table, row, args.out)
+        if any(measured(r) > 1 for m in table.methods for r in table.runs(row, m)):
+            paths += plot_rounds(table, row, args.out)
+        for path in paths:
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
