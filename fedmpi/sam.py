@@ -214,6 +214,13 @@ class FedLESAM(Estimator):
         return self._eps
 
 
+class _Cache(dict):
+    """A per-process cache keyed by object ids: pickles (checkpoints) as empty."""
+
+    def __reduce__(self):
+        return (_Cache, ())
+
+
 class Synthetic:
     """A synthetic set S = (X, Y) and its sign sigma, on the rank's device."""
 
@@ -238,7 +245,7 @@ class FedSynSAM(Estimator):
         self.x_shape = (s.m, *spec.input_shape)
         self.y_shape = (s.m, spec.num_classes)
         self.options = synth.FitOptions(steps=s.s_steps, absolute=s.absolute)
-        self._directions: dict[int, synth.Gradient] = {}
+        self._directions: dict[int, synth.Gradient] = _Cache()  # by id(model)
         # server: the last L trajectory segments (w^j, w^j - w^{j+1}) and the current S
         self._srv_segments: deque[tuple[torch.Tensor, torch.Tensor]] = deque(
             maxlen=s.traj_window)

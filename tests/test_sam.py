@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from fedmpi import compress, config, data, sam, synth
 from fedmpi.client import ClientGroup, ClientState, Shard, cosine
 from fedmpi.compress import ModelSpec
+from fedmpi.metrics import open_run
 from fedmpi.models import FlatModel, build_module
 from fedmpi.server import Server, sample_participants
-from tests.conftest import REPO, SMALL, run_and_open
+from tests.conftest import REPO, SMALL, run_and_open, run_train
+from tests.test_reliability import run_faulty
 
 
 @pytest.fixture(autouse=True)
@@ -313,13 +315,22 @@ def test_downlink_bytes_count_the_estimators_payloads(tmp_path):
 
 
 @pytest.mark.slow
-def test_estimators_give_the_same_run_on_1_and_3_ranks(tmp_path):
-    for name in ("fedlesam", "fedsynsam"):
-        args = [*RUN, "--set", f"sam.name={name}", "--set", "sam.rho=0.1"]
-        one = run_and_open(tmp_path, 1, args, name=f"{name}1")
-        three = run_and_open(tmp_path, 3, args, name=f"{name}3")
-        for k in LEARNING:
-            assert np.array_equal(one.rounds[k], three.rounds[k], equal_nan=True), (name, k)
+@pytest.mark.parametrize("extra", [["sam.traj_window=2"], ["sam.synth_site=client"]],
+                         ids=["server", "client"])
+def test_fedsynsam_killed_run_resumes_identically_on_another_rank_count(tmp_path, extra):
+    """Estimator state survives a checkpoint: the server's segments and S (server site),
+    each client's last global model and S in its ClientState (client site, moved from
+    one owning rank to another)."""
+    args = [*RUN[len(SMALL):], "--set", "sam.name=fedsynsam", "--set", "sam.rho=0.1",
+            "--set", "checkpoint.every=2", *[a for x in extra for a in ("--set", x)]]
+    ref = run_and_open(tmp_path, 3, [*SMALL, "--set", "run.rounds=6", *args], name="ref")
+    proc, _ = run_faulty(tmp_path, 3, "kill:1:5", args)
+    assert proc.returncode != 0
+    run_train(tmp_path, 2, [*SMALL, "--set", "run.rounds=6", *args, "--resume"], name="f")
+    resumed = open_run(str(tmp_path / "f.h5"))
+    assert list(resumed.attrs["resumed_at_rounds"]) == [4]
+    for k in (*LEARNING, "downlink_payload_bytes"):
+        assert np.array_equal(resumed.rounds[k], ref.rounds[k], equal_nan=True), k
 
 
 # ---------------------------------------------------------------------------- the claim
