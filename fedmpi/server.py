@@ -56,17 +56,19 @@ class Server:
 
     def decode(self, round_: int, clients: list[int], sizes: list[int], buf: np.ndarray
                ) -> dict[int, torch.Tensor]:
-        """Split the gathered bytes by ``sizes`` (clients in wire order) and decode each."""
-        out, offset = {}, 0
+        """Split the gathered bytes by ``sizes`` (clients in wire order), parse each payload
+        and decode them all with one ``decode_many`` call (a compressor that batches it
+        must decode every payload to the same bits whatever the batch)."""
+        payloads, ctxs, offset = [], [], 0
         for cid, size in zip(clients, sizes, strict=True):
             ctx = Context(round=round_, client=cid, seed=self.cfg.run.seed, spec=self.spec,
                           global_params=self.params, model=self.model)
-            payload = self.compressor.parse(buf[offset:offset + size], ctx)
-            out[cid] = self.compressor.decode(payload, ctx)
+            payloads.append(self.compressor.parse(buf[offset:offset + size], ctx))
+            ctxs.append(ctx)
             offset += size
         if offset != buf.size:
             raise RuntimeError(f"round {round_}: {buf.size - offset} undecoded uplink bytes")
-        return out
+        return dict(zip(clients, self.compressor.decode_many(payloads, ctxs), strict=True))
 
     def aggregate(self, updates: dict[int, torch.Tensor], num_samples: dict[int, int]
                   ) -> torch.Tensor:

@@ -238,16 +238,21 @@ def match_fn(direction: Direction, w: torch.Tensor, targets: torch.Tensor,
         return fn
 
     leaf = w.clone().requires_grad_(True)
+    # every problem's tensors are fresh allocations (not views at an offset into a batch):
+    # BLAS kernels may round differently at a different memory alignment, and a problem's
+    # result must not depend on the batch it is fitted in
+    own_targets = [u.clone() for u in targets]
+    own_norms = [torch.linalg.vector_norm(u) for u in own_targets]
 
     def fn(z: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = pack.unpack(z)
         js, gs = [], []
         with torch.enable_grad():
             for x0, y0, r in zip(xs, ys, rows.tolist(), strict=True):
-                x = x0.detach().requires_grad_(True)
-                y = y0.detach().requires_grad_(True)
-                j = cosine_objective(direction.graph(leaf, x, y), targets[r], norms[r], x, y,
-                                     opts.lambd, opts.absolute)
+                x = x0.detach().clone().requires_grad_(True)
+                y = y0.detach().clone().requires_grad_(True)
+                j = cosine_objective(direction.graph(leaf, x, y), own_targets[r], own_norms[r],
+                                     x, y, opts.lambd, opts.absolute)
                 gx, gy = torch.autograd.grad(j, (x, y))
                 js.append(j.detach())
                 gs.append(torch.cat([gx.reshape(-1), gy.reshape(-1)]))

@@ -15,15 +15,18 @@ from fedmpi.compress.base import (
     Payload,
 )
 from fedmpi.compress.dgc import DGC
+from fedmpi.compress.fedsynth import FedSynth
 from fedmpi.compress.identity import Identity
 from fedmpi.compress.qsgd import QSGD
 from fedmpi.compress.randk import RandK
+from fedmpi.compress.sfc3 import SFC3
 from fedmpi.compress.signsgd import SignSGD
 from fedmpi.compress.stc import STC
 from fedmpi.compress.topk import TopK
 
 REGISTRY: dict[str, type[Compressor]] = {cls.name: cls for cls in (Identity,)}
 REGISTRY.update({cls.name: cls for cls in (TopK, RandK, DGC, SignSGD, STC, QSGD)})
+REGISTRY.update({cls.name: cls for cls in (SFC3, FedSynth)})
 
 
 def build(cfg, spec: ModelSpec) -> Compressor:
