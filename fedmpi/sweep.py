@@ -49,11 +49,8 @@ whose HDF5 file is marked ``complete`` are skipped.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
-import functools
-import io
 import itertools
 import os
 import re
@@ -69,7 +66,7 @@ from fedmpi.config import ConfigError
 
 SWEEP_KEYS = ("name", "seeds", "ranks", "cases", "zip", "grid", "when", "labels")
 #: keys a sweep axis may not set: the sweep owns them
-RESERVED = ("run.name", "run.out_dir", "run.seed")
+RESERVED = ("run.name", "run.out_dir", "run.seed", "checkpoint.path")
 MAX_NAME = 200  #: longest run name (file systems allow 255 bytes)
 
 
@@ -117,7 +114,8 @@ def _dotted(key: Any, where: str) -> tuple[str, str]:
         raise ConfigError(where, f"override keys are 'section.key' strings (got {key!r})")
     if key in RESERVED:
         raise ConfigError(where, f"{key} is set by the sweep itself (run names, "
-                          "[run] out_dir, [sweep] seeds); do not override it")
+                          "[run] out_dir, [sweep] seeds, <out_dir>/<run>.ckpt); do not "
+                          "override it")
     section, name = key.split(".")
     if section not in config.SECTIONS:
         raise ConfigError(where, f"unknown section {section!r} in {key!r}; known sections: "
@@ -301,6 +299,9 @@ def expand(doc: dict[str, Any], name: str, source: str = "<sweep>") -> Sweep:
         if k in run_base:
             raise ConfigError(f"run.{k}", "is set by the sweep (run names from the axes, "
                               "seeds from [sweep] seeds); remove it from the sweep file")
+    if isinstance(base.get("checkpoint"), dict) and base["checkpoint"].get("path"):
+        raise ConfigError("checkpoint.path", "every run of a sweep checkpoints to "
+                          "<out_dir>/<run name>.ckpt; remove it from the sweep file")
     out_dir = run_base.get("out_dir", os.path.join("runs", name))
     if not isinstance(out_dir, str):
         raise ConfigError("run.out_dir", "must be a string")
@@ -427,24 +428,10 @@ def write_configs(sweep: Sweep, points: Sequence[Point] | None = None) -> None:
         os.replace(tmp, p.config_path)
 
 
-def train_args(point: Point, st: State) -> list[str]:
-    """Arguments of ``fedmpi.train`` for a point in state ``st``: a partial file is resumed
-    where the trainer can resume it, else replaced."""
-    args = [point.config_path]
-    if st.status == "partial":
-        args.append("--resume" if resume_supported() else "--overwrite")
-    return args
-
-
-@functools.cache
-def resume_supported() -> bool:
-    """Whether ``fedmpi.train`` takes ``--resume`` (checkpoint/resume)."""
-    from fedmpi import train
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
-        train.parse_args(["--help"])
-    return "--resume" in buf.getvalue()
+def train_args(point: Point) -> list[str]:
+    """Arguments of ``fedmpi.train`` for a point: ``--resume`` continues a partial run from
+    its checkpoint (and starts afresh where there is none)."""
+    return [point.config_path, "--resume"]
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -483,7 +470,7 @@ def run_local(sweep: Sweep, n: int, dry_run: bool = False, out=None) -> int:
         if st.status == "complete":
             print(f"skip {p.name}: complete", file=out, flush=True)
             continue
-        cmd = launch.command(n, "fedmpi.train", [*train_args(p, st), "--quiet"])
+        cmd = launch.command(n, "fedmpi.train", [*train_args(p), "--quiet"])
         if dry_run:
             print(" ".join(cmd), file=out, flush=True)
             continue
@@ -531,6 +518,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fedmpi.sweep: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # --list | head
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -88,7 +89,7 @@ def test_render_options_and_requeue_flow():
     names = re.search(r"RUNS=\(\n(.*?)\)", text, re.S).group(1).split()
     assert names == [p.name for p in sw.points]
     assert '/opt/venv/bin/mpiexec -n "$SLURM_NTASKS" "$PYTHON" -m mpi4py -m fedmpi.train' \
-        ' "$CONFIG" "${RESUME[@]}"' in text
+        ' "$CONFIG" --resume' in text
     assert 'scontrol requeue "$TASK"' in text and "trap 'on_signal USR1' USR1" in text
     assert "{{" not in text
     # no throttle, no GPUs, srun, defaults
@@ -167,29 +168,69 @@ def fake_slurm_env(tmp_path: Path, task: int = 0) -> dict[str, str]:
     return env
 
 
-def test_task_script_runs_its_run_and_skips_complete(tmp_path):
-    sw = sweep.expand(tiny_doc(str(tmp_path / "out"), seeds=[0]), "t")
-    opts = submit.Options(workdir=str(tmp_path))
+def wait_rows(path: str, rows: int, proc=None, timeout: float = 120) -> None:
+    """Until the run file at ``path`` has ``rows`` rows (read while it is written)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"task exited early: {proc.communicate()}")
+        try:
+            if len(open_run(path)) >= rows:
+                return
+        except (OSError, KeyError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not reach {rows} rows in {timeout} s")
+
+
+def check_resumed(point: sweep.Point, log: str) -> None:
+    """The run is complete, every round once, and the second start did not begin again at
+    round 1 (the per-round lines of both starts are in the appended log)."""
+    run = open_run(point.path)
+    rounds = point.config.run.rounds
+    assert run.complete and list(run.rounds["round"]) == list(range(rounds))
+    assert log.count(f"round    1/{rounds}") == 1, log
+    assert log.count(f"round {rounds:4d}/{rounds}") == 1, log
+    assert "checkpointed before round" in log
+
+
+@pytest.mark.slow
+def test_task_script_checkpoints_requeues_and_resumes(tmp_path):
+    sw = sweep.expand(tiny_doc(str(tmp_path / "out"), seeds=[0], rounds=60), "t")
     script = tmp_path / "job.sh"
-    script.write_text(submit.render(sw, sw.points, opts))
+    script.write_text(submit.render(sw, sw.points, submit.Options(workdir=str(tmp_path))))
     sweep.write_configs(sw)
     (tmp_path / "out" / "logs").mkdir(parents=True)
+    point = sw.points[1]  # array task 1 runs point 1
     env = fake_slurm_env(tmp_path, task=1)
-    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        wait_rows(point.path, 2, proc)
+        proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@... does before the limit
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert "caught SIGUSR1" in out and "exited with status 75" in out
+    assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "77_1"]
+    assert not os.path.exists(sw.points[0].path)
+    run = open_run(point.path)
+    assert not run.complete and 2 <= len(run) < 100
+    assert os.path.exists(os.path.join(point.config.run.out_dir, f"{point.name}.ckpt"))
+    # SLURM starts the requeued task again: it resumes and finishes
+    env["SLURM_RESTART_COUNT"] = "1"
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
                           cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    topk = sw.points[1]
-    run = open_run(topk.path)
-    assert run.complete and len(run) == 3 and run.config == topk.config
-    assert not os.path.exists(sw.points[0].path)  # task 1 ran point 1 only
-    log = (tmp_path / "out" / "logs" / f"{topk.name}.log").read_text()
-    assert "done:" in log
-    assert "start (restart 0)" in proc.stdout and "complete:" in proc.stdout
-    # a second start of the same task finds the run complete and exits at once
-    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0 and "already complete" in proc.stdout
-    assert not (tmp_path / "scontrol.calls").exists()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "start (restart 1)" in done.stdout and "complete:" in done.stdout
+    check_resumed(point, (tmp_path / "out" / "logs" / f"{point.name}.log").read_text())
+    assert open_run(point.path).config == point.config
+    # a third start (e.g. a requeue racing the finish) finds the run complete
+    again = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                           cwd=tmp_path, timeout=120)
+    assert again.returncode == 0 and "already complete" in again.stdout
+    assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "77_1"]
 
 
 # ---------------------------------------------------------------------------- real SLURM
@@ -268,3 +309,27 @@ def test_job_array_on_local_slurm(cluster, tmp_path):
         assert f"complete: {p.path}" in outs[f"tiny_{job}_{i}.out"]
     assert task_states(job, cluster) == {0: "COMPLETED 0:0", 1: "COMPLETED 0:0"}
     assert submit.select(sw) == []  # submitting again finds nothing to do
+
+
+@pytest.mark.slow
+def test_requeue_on_signal_on_local_slurm(cluster, tmp_path):
+    """SIGUSR1 to the batch script (as --signal=B:USR1@... sends it before the time limit):
+    the run checkpoints, the task requeues itself, SLURM starts it again and it resumes."""
+    sw = sweep.expand(tiny_doc(str(tmp_path / "out"), seeds=[0], rounds=60), "rq")
+    point = sw.points[0]
+    job, _ = submit.submit(sw, [point], submit.Options(workdir=str(tmp_path)), env=cluster)
+    wait_rows(point.path, 2)
+    info = subprocess.run(["scontrol", "show", "job", f"{job}_0"], env=cluster,
+                          capture_output=True, text=True).stdout
+    job_id = re.search(r"JobId=(\d+)", info).group(1)  # this task's own job id
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=cluster, check=True)
+    wait_gone(job, cluster, timeout=240)
+    logs = tmp_path / "out" / "logs"
+    out = (logs / f"rq_{job}_0.out").read_text()
+    assert "caught SIGUSR1" in out and "exited with status 75" in out, out
+    assert f"requeueing {job}_0" in out and "start (restart 1)" in out, out
+    assert f"complete: {point.path}" in out
+    check_resumed(point, (logs / f"{point.name}.log").read_text())
+    info = subprocess.run(["scontrol", "show", "job", job_id], env=cluster,
+                          capture_output=True, text=True).stdout
+    assert "Restarts=1" in info and "JobState=COMPLETED" in info, info
