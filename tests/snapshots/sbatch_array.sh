@@ -5,10 +5,11 @@
 # Each task runs `python -m fedmpi.train <run config>` with 3 MPI rank(s): 1 node(s)
 # x 3. Each rank pins itself to cuda:(local_rank % GPUs of its node).
 # Near the time limit SLURM sends SIGUSR1 to this script (--signal=B:USR1@...), which
-# passes it on to the ranks: the run writes a checkpoint and stops, and the task requeues
-# itself; on preemption or scancel (SIGTERM) the run checkpoints and stops, and SLURM
-# requeues preempted tasks (--requeue). A (re)started task resumes from the checkpoint
-# (--resume) when a run file exists and exits at once when it is already complete.
+# passes it on to the ranks: the run writes a checkpoint, stops with status 75, and the
+# task requeues itself; on preemption or scancel (SIGTERM) the run checkpoints and stops,
+# and SLURM requeues preempted tasks (--requeue). Every start passes --resume: the run
+# continues from its checkpoint (<out_dir>/<run>.ckpt), starts afresh without one, and a
+# complete run is not started at all.
 #SBATCH --job-name=snap
 #SBATCH --array=0-3%2
 #SBATCH --nodes=1
@@ -47,8 +48,6 @@ sys.exit(0 if open_run(sys.argv[1]).complete else 1)' "$H5" 2>/dev/null
 }
 
 if complete; then log "already complete: $H5"; exit 0; fi
-RESUME=()
-if [ -e "$H5" ]; then RESUME=(--resume); fi
 
 REQUEUE=0
 CHILD=
@@ -60,8 +59,8 @@ on_signal() {  # USR1: time limit ahead; TERM: preemption or scancel
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 
-log "start (restart $RESTARTS) on ${SLURM_JOB_NODELIST:-$(hostname)}: $CONFIG ${RESUME[*]} -> $H5"
-/opt/venv/bin/mpiexec -n "$SLURM_NTASKS" "$PYTHON" -m mpi4py -m fedmpi.train "$CONFIG" "${RESUME[@]}" >>"$RUN_LOG" 2>&1 &
+log "start (restart $RESTARTS) on ${SLURM_JOB_NODELIST:-$(hostname)}: $CONFIG -> $H5"
+/opt/venv/bin/mpiexec -n "$SLURM_NTASKS" "$PYTHON" -m mpi4py -m fedmpi.train "$CONFIG" --resume >>"$RUN_LOG" 2>&1 &
 CHILD=$!
 wait "$CHILD"
 RC=$?
@@ -71,7 +70,8 @@ while kill -0 "$CHILD" 2>/dev/null; do  # a trapped signal interrupted wait: wai
 done
 log "fedmpi.train exited with status $RC (log: $RUN_LOG)"
 if complete; then log "complete: $H5"; exit 0; fi
-if [ "$REQUEUE" = 1 ]; then
+# 75: the run checkpointed on the signal; > 128: killed by it before it could checkpoint
+if [ "$REQUEUE" = 1 ] && { [ "$RC" = 75 ] || [ "$RC" -gt 128 ]; }; then
   if [ "$RESTARTS" -ge "$MAX_REQUEUES" ]; then
     log "not requeued: $RESTARTS restart(s) already (submit.py --max-requeues)"
     exit 1
