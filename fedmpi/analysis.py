@@ -161,13 +161,18 @@ def _suffix(run: RunInfo, keys: Sequence[str]) -> str:
 
 def _label_parts(runs: Sequence[RunInfo], base: Callable[[RunInfo], str],
                  keys: Sequence[str]) -> dict[int, str]:
-    """``base(run)``, plus the values of ``keys`` that differ among runs of the same base."""
+    """``base(run)``, plus the values of those ``keys`` that differ between runs of the same
+    base *within one setting* (a key that only changes with the setting, such as a byte
+    budget matched to each dataset, names no separate method)."""
     by_base: dict[str, list[RunInfo]] = {}
     for r in runs:
         by_base.setdefault(base(r), []).append(r)
     out = {}
     for b, members in by_base.items():
-        vary = _varying(members, keys)
+        by_row: dict[str, list[RunInfo]] = {}
+        for r in members:
+            by_row.setdefault(r.setting, []).append(r)
+        vary = [k for k in keys if any(_varying(rows, [k]) for rows in by_row.values())]
         for r in members:
             out[id(r)] = f"{b} ({_suffix(r, vary)})" if vary and b else (
                 _suffix(r, vary) if vary else b)
@@ -234,12 +239,15 @@ def group(runs: Sequence[RunInfo], row_keys: Sequence[str] = (),
     sam_keys = [k for k in keys if _is_method(k, row_keys) and k.startswith("sam.")]
     setting_keys = [k for k in keys if not _ignored(k) and not _is_method(k, row_keys)
                     and k not in ("data.dataset", "model.name")]
-    comp = _label_parts(runs, _compressor_base, [k for k in comp_keys
-                                                 if k != "compressor.name"])
-    est = _label_parts(runs, _estimator_base, [k for k in sam_keys if k != "sam.name"])
     setting_vary = _varying(runs, setting_keys)
     setting_vary.sort(key=lambda k: (k not in row_keys, row_keys.index(k) if k in row_keys
                                      else 0, k))
+    for r in runs:
+        r.setting = setting_base(r) + "".join(
+            f", {k.split('.')[1]}={_fmt(r.flat.get(k))}" for k in setting_vary)
+    comp = _label_parts(runs, _compressor_base, [k for k in comp_keys
+                                                 if k != "compressor.name"])
+    est = _label_parts(runs, _estimator_base, [k for k in sam_keys if k != "sam.name"])
     for r in runs:
         r.compressor, r.estimator = comp[id(r)], est[id(r)]
         if r.estimator and r.compressor == "FedAvg":
@@ -248,8 +256,6 @@ def group(runs: Sequence[RunInfo], row_keys: Sequence[str] = (),
             r.method = f"{r.estimator}+{r.compressor}"
         else:
             r.method = r.compressor
-        r.setting = setting_base(r) + "".join(
-            f", {k.split('.')[1]}={_fmt(r.flat.get(k))}" for k in setting_vary)
     ordered = sorted(runs, key=lambda r: _method_order(r, sam_keys + comp_keys))
     methods = list(dict.fromkeys(r.method for r in ordered))
     ordered = sorted(runs, key=lambda r: _setting_order(r, setting_vary))

@@ -269,6 +269,16 @@ def test_grouping_labels_rows_and_methods():
     t = A.group(budget, row_keys=["compressor.budget_bytes"])
     assert t.methods == ["3SFC"]
     assert t.rows == ["MNIST / MLP, budget_bytes=3180", "MNIST / MLP, budget_bytes=6360"]
+    # a key that changes only with the setting (a budget matched per dataset) splits no
+    # method; within a setting it does
+    matched = [fake("m", compressor__name="dgc", compressor__budget_bytes=3180),
+               fake("n", compressor__name="dgc", compressor__budget_bytes=12332,
+                    data__dataset="cifar10", model__name="convnet")]
+    t = A.group(matched)
+    assert t.methods == ["DGC"] and t.rows == ["MNIST / MLP", "CIFAR-10 / ConvNet"]
+    t = A.group([*matched, fake("o", compressor__name="dgc", compressor__budget_bytes=1)])
+    assert t.methods == ["DGC (budget_bytes=1)", "DGC (budget_bytes=3180)",
+                         "DGC (budget_bytes=12332)"]
     # a duplicate seed is reported and dropped
     warned = []
     t = A.group([fake("p"), fake("q")], warn=warned.append)
