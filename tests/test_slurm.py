@@ -294,7 +294,8 @@ def task_states(job: str, env: dict) -> dict[int, str]:
 @pytest.mark.slow
 def test_job_array_on_local_slurm(cluster, tmp_path):
     sw = sweep.expand(tiny_doc(str(tmp_path / "out"), seeds=[0]), "tiny")
-    opts = submit.Options(ranks_per_node=2, max_parallel=2, workdir=str(tmp_path))
+    opts = submit.Options(ranks_per_node=2, max_parallel=2, workdir=str(tmp_path),
+                          launcher="srun")  # mpiexec: the requeue test below
     job, script = submit.submit(sw, sw.points, opts, env=cluster)
     wait_gone(job, cluster, timeout=240)
     logs = tmp_path / "out" / "logs"
