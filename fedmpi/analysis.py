@@ -6,12 +6,14 @@ Run files are read only through :func:`fedmpi.metrics.open_run`. A run's resolve
 * its **method** is the compressor (``compressor.*``, ``server.aggregation``) and the
   perturbation estimator (``sam.*``): ``FedAvg``, ``3SFC``, ``FedSAM+Top-k``; where runs
   that share a name differ in one of those keys, the values are appended,
-  ``3SFC (ef=false)``;
+  ``3SFC (ef=false)`` (not where a key only changes with the setting, such as a byte
+  budget matched to each dataset);
 * its **setting** (a table row, a figure) is everything else that varies between the runs
-  read: dataset and model always, plus e.g. ``num_clients=20``. Keys that do not change
-  the experiment (run name, seed, output folder, threads, device, evaluation and
-  checkpoint cadence, data folder) are ignored; ``row_keys`` moves method keys to the
-  setting (e.g. ``compressor.budget_bytes`` for a budget table);
+  read: dataset and model always, plus e.g. ``num_clients=20`` (keys that change only
+  together with the dataset and model, such as a per-dataset sample cap, are not shown).
+  Keys that do not change the experiment (run name, seed, output folder, threads, device,
+  evaluation and checkpoint cadence, data folder) are ignored; ``row_keys`` moves method
+  keys to the setting (e.g. ``compressor.budget_bytes`` for a budget table);
 * runs that share method and setting are the seeds of one cell: mean and sample standard
   deviation (ddof = 1; 0 with one seed) over them.
 
@@ -239,7 +241,12 @@ def group(runs: Sequence[RunInfo], row_keys: Sequence[str] = (),
     sam_keys = [k for k in keys if _is_method(k, row_keys) and k.startswith("sam.")]
     setting_keys = [k for k in keys if not _ignored(k) and not _is_method(k, row_keys)
                     and k not in ("data.dataset", "model.name")]
-    setting_vary = _varying(runs, setting_keys)
+    by_base: dict[str, list[RunInfo]] = {}
+    for r in runs:
+        by_base.setdefault(setting_base(r), []).append(r)
+    # keys that vary for one dataset/model (not those that only follow it, e.g. EMNIST caps)
+    setting_vary = [k for k in setting_keys
+                    if k in row_keys or any(_varying(g, [k]) for g in by_base.values())]
     setting_vary.sort(key=lambda k: (k not in row_keys, row_keys.index(k) if k in row_keys
                                      else 0, k))
     for r in runs:

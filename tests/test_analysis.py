@@ -255,11 +255,12 @@ def test_grouping_labels_rows_and_methods():
         fake("e", compressor__name="topk", compressor__ef=True, sam__name="fedsam"),
         fake("f", data__num_clients=20),
         fake("g", data__dataset="cifar10", model__name="resnet18"),
+        fake("h", data__dataset="emnist", data__max_train=50000),  # follows the dataset
     ]
     t = A.group(runs, warn=lambda msg: None)
     assert t.methods == ["FedAvg", "3SFC (ef=false)", "3SFC (ef=true)", "FedSAM+Top-k"]
     assert t.rows == ["MNIST / MLP, num_clients=10", "MNIST / MLP, num_clients=20",
-                      "CIFAR-10 / ResNet-18, num_clients=10"]
+                      "EMNIST / MLP, num_clients=10", "CIFAR-10 / ResNet-18, num_clients=10"]
     # seeds (and bookkeeping keys) share a cell
     assert [r.path for r in t.runs("MNIST / MLP, num_clients=10", "FedAvg")] == ["a", "b"]
     # row keys move a method key to the rows

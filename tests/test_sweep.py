@@ -281,6 +281,7 @@ def test_shipped_sweeps_expand_and_validate(name):
         c = p.config
         assert c.run.rounds == 200 and c.client.lr == 0.01 and c.client.batch_size == 256
         assert c.data.partition == "dirichlet" and c.client.lr_decay == 0.99
+        assert c.data.train_frac == 0.8 and c.checkpoint.every == 20
         assert len(p.name) <= sweep.MAX_NAME
 
 
@@ -297,6 +298,10 @@ def test_table2_matches_budgets_to_3sfc():
                                                                + 1)
     assert {p.config.data.num_clients for p in sw.points} == {10, 20, 40}
     assert all(p.config.compressor.params.m == 1 for p in by["3sfc"])
+    for p in sw.points:  # the ICCV code's EMNIST: byclass, 50k train / 10k test
+        emnist = p.config.data.dataset == "emnist"
+        assert (p.config.data.max_train, p.config.data.max_test) == (
+            (50000, 10000) if emnist else (0, 0))
 
 
 def test_budget_sweep_scales_bytes():
