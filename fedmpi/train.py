@@ -310,8 +310,8 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         per_client["train_loss"] = np.full(n, np.nan)
         per_client["efficiency"] = np.full(n, np.nan)
         per_client["diverged"] = np.zeros(n, dtype=np.int8)
-        for cid, code in diverged.items():
-            per_client["diverged"][cid] = code
+        for cid, why in diverged.items():
+            per_client["diverged"][cid] = why
         for s in slots:
             cid = int(s[0])
             per_client["participation"][cid] = 1
