@@ -11,7 +11,8 @@
 #        SLURM_INSTALL 1 = apt-get install the packages if missing (default 0: fail)
 # After `up`, sbatch/squeue/scontrol find the cluster through /etc/slurm/slurm.conf (a
 # symlink made here unless a real config exists) or `export SLURM_CONF=$SLURM_DIR/slurm.conf`.
-# Only one such cluster per machine: it listens on the default ports 6817/6818.
+# Only one such cluster per machine: it listens on the default ports 6817/6818, on
+# 127.0.0.1 (no name resolution needed).
 set -euo pipefail
 D=${SLURM_DIR:-/tmp/fedmpi-slurm}
 AUTH=${SLURM_AUTH:-munge}
@@ -51,7 +52,7 @@ fi
 mkdir -p "$D/state" "$D/spool" "$D/log"
 cat > "$SLURM_CONF.new" <<EOF
 ClusterName=fedmpi-local
-SlurmctldHost=$H
+SlurmctldHost=$H(127.0.0.1)
 SlurmUser=root
 AuthType=auth/$AUTH
 CredType=cred/$AUTH
@@ -74,7 +75,7 @@ SlurmctldPidFile=$D/slurmctld.pid
 SlurmdPidFile=$D/slurmd.pid
 SlurmctldLogFile=$D/log/slurmctld.log
 SlurmdLogFile=$D/log/slurmd.log
-$(slurmd -C | head -1)
+$(slurmd -C | head -1) NodeAddr=127.0.0.1
 PartitionName=debug Nodes=$H Default=YES MaxTime=INFINITE State=UP
 EOF
 mv "$SLURM_CONF.new" "$SLURM_CONF"
