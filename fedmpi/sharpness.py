@@ -105,7 +105,7 @@ class Objective:
 
 @dataclass
 class Eigen:
-    values: list[float]  #: largest first (by power iteration: largest magnitude)
+    values: list[float]  #: largest magnitude first
     vectors: list[torch.Tensor]
     iterations: list[int]  #: Hessian-vector products spent on each
 
@@ -142,7 +142,11 @@ def top_eigenvalues(obj: Objective, k: int = 1, max_iter: int = 100, tol: float 
         values.append(lam)
         vectors.append(v)
         iters.append(n)
-    return Eigen(values, vectors, iters)
+    # largest magnitude first: a run stopped by max_iter before converging may have found
+    # a smaller Rayleigh quotient first
+    order = sorted(range(k), key=lambda i: -abs(values[i]))
+    return Eigen([values[i] for i in order], [vectors[i] for i in order],
+                 [iters[i] for i in order])
 
 
 @dataclass
