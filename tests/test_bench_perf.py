@@ -126,7 +126,7 @@ def results(**over) -> perf.Results:
     bare_seconds = 3 * 397_600 * 1000 / 100e9  # 1,000 samples at 100 GFLOP/s
     base = dict(
         job="test job", cores=2,
-        reference=perf.RefStats(30.0, 2, 1, 1.0, 0.8),
+        reference=perf.RefStats(30.0, 2, 1, 1.0, 0.8, 20.0, 8.0, 0.5, 1.5),
         layouts=[perf.Layout(3, stats=stats(3.0, 2.4, 0.3)),
                  perf.Layout(2, True, stats=stats(2.5, 2.0, 0.3, 0.05, 0.05))],
         per_sample_flops=397_600, bare=perf.BareStats(bare_seconds, 1000, 16),
@@ -141,6 +141,9 @@ def test_table_prints_every_line_with_its_ratio():
     lines = out.splitlines()
     for n in range(1, 6):
         assert any(line.startswith(f"{n}. ") for line in lines), n
+    assert re.search(r"reference: official 3SFC loop, 1 process, 1 thread\(s\)\s+30\.00 s"
+                     r"   test acc 0\.8000; train 20\.00, fit 8\.00, decode 0\.50, eval 1\.50",
+                     out)
     assert "speed-up vs reference: 12.0x" in out  # 30 s / 2.5 s (the fastest layout)
     assert "(fedmpi -n 2 run.server_trains=true; target >= 10x: met)" in out
     fastest = [line for line in lines if "<- fastest" in line]
@@ -216,6 +219,9 @@ def test_reference_rounds_compute_what_fedmpi_computes(tmp_path, tiny_env, ef):
         assert res.test_loss == pytest.approx(run.rounds["test_loss"][r], rel=1e-4)
         assert res.test_acc == pytest.approx(run.rounds["test_acc"][r], abs=1.5 / 120)
     assert rounds[1].test_loss != rounds[0].test_loss  # the model moved
+    for res in rounds:
+        phases = res.time_train + res.time_fit + res.time_decode + res.time_eval
+        assert 0 < phases <= res.seconds and min(res.time_train, res.time_fit) > 0
 
 
 def test_reference_refuses_what_it_does_not_implement(tiny_env):

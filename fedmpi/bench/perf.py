@@ -256,6 +256,10 @@ class RefStats:
     threads: int
     setup: float  #: building datasets, loaders and models
     test_acc: float  #: after the last round
+    train: float = 0.0  #: mean seconds per round of local training (data pipeline included)
+    fit: float = 0.0  #: ... of the clients' LBFGS fits
+    decode: float = 0.0  #: ... of the server's replay and mean
+    eval: float = 0.0
 
 
 def run_reference(cfg: Config, rounds: int, threads: int) -> RefStats:
@@ -270,8 +274,12 @@ def run_reference(cfg: Config, rounds: int, threads: int) -> RefStats:
         results = [ref.round(r) for r in range(rounds)]
     finally:
         torch.set_num_threads(before)
-    return RefStats(float(np.mean([r.seconds for r in results])), rounds, threads, setup,
-                    results[-1].test_acc)
+    def mean(key: str) -> float:
+        return float(np.mean([getattr(r, key) for r in results]))
+
+    return RefStats(mean("seconds"), rounds, threads, setup, results[-1].test_acc,
+                    mean("time_train"), mean("time_fit"), mean("time_decode"),
+                    mean("time_eval"))
 
 
 @dataclass
@@ -396,7 +404,9 @@ def render(res: Results) -> str:
     lines.append(f"1. seconds per round (fedmpi: mean of rounds 1..{st.rounds}, round 0 is "
                  f"warm-up; reference: mean of {ref.rounds} round(s))")
     lines.append(_row(f"reference: official 3SFC loop, 1 process, {ref.threads} thread(s)",
-                      f"{ref.seconds:.2f} s", f"test acc {ref.test_acc:.4f}"))
+                      f"{ref.seconds:.2f} s", f"test acc {ref.test_acc:.4f}; train "
+                      f"{ref.train:.2f}, fit {ref.fit:.2f}, decode {ref.decode:.2f}, eval "
+                      f"{ref.eval:.2f}"))
     for lay in res.layouts:
         s = lay.stats
         lines.append(_row(f"fedmpi {lay.label}", f"{s.seconds:.2f} s",

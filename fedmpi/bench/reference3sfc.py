@@ -261,6 +261,10 @@ class RoundResult:
     test_loss: float
     train_loss: list[float]  #: per client, in client-id order
     cos: list[float]  #: |cos(g*, target)| per client
+    time_train: float = 0.0  #: seconds of local training (data loading included)
+    time_fit: float = 0.0  #: seconds of the synthetic-sample fits
+    time_decode: float = 0.0  #: seconds of the server's replay and mean
+    time_eval: float = 0.0
 
 
 def source_indices(cfg: Config, train_targets: np.ndarray, test_targets: np.ndarray
@@ -321,17 +325,26 @@ class Reference:
         for client in self.clients:
             client.synchronize(self.server)
         synthetics, scales, losses, coss = [], [], [], []
+        t_train = t_fit = 0.0
         for client in self.clients:  # participation 1.0: every client, in id order
+            t1 = time.perf_counter()
             losses.append(client.train(round_))
             client.reset()
+            t2 = time.perf_counter()
             x, y, s, cos = client.synthesize(round_, self.m, self.num_classes, self.s_steps,
                                              self.max_iter)
+            t_train += t2 - t1
+            t_fit += time.perf_counter() - t2
             synthetics.append((x, y))
             scales.append(s)
             coss.append(abs(cos))
+        t3 = time.perf_counter()
         self.server.aggregate(synthetics, scales)
+        t4 = time.perf_counter()
         acc, loss = self.server.evaluate()
-        return RoundResult(round_, time.perf_counter() - t0, acc, loss, losses, coss)
+        t5 = time.perf_counter()
+        return RoundResult(round_, t5 - t0, acc, loss, losses, coss, t_train, t_fit, t4 - t3,
+                           t5 - t4)
 
     def params(self) -> torch.Tensor:
         return _flat(p.detach() for p in self.server.model.parameters())
