@@ -30,8 +30,8 @@ printed as ratios:
    time_encode - time_decode - time_eval) / time_round, summed over the measured rounds.
 
 ``--quick`` shrinks everything (4 clients on 2,400 samples, 1 epoch, S = 2, 1 measured
-round; the scaling runs are the same job at ``-n 3`` and ``-n 5``) so that a test can run it end to
-end; its numbers are not the issue's. The MNIST files come from ``--root``, else
+round; the scaling runs are that job at ``-n 3`` and ``-n 5``) so that a test can run it
+end to end; its numbers are not the issue's. The MNIST files come from ``--root``, else
 ``$FEDMPI_DATA_ROOT``, else ``../shared/data`` beside the repository. Timings on a
 machine that other work is using are noisy: the load average is printed before and after.
 """
@@ -545,20 +545,23 @@ def main(argv: list[str]) -> int:
     saved_root = os.environ.get("FEDMPI_DATA_ROOT")
     os.environ["FEDMPI_DATA_ROOT"] = root  # it wins over data.root: every side reads root
     try:
-        say = print if not q else (lambda *a, **k: None)
+        def say(message: str) -> None:  # progress on stderr; the table goes to stdout
+            if not q:
+                print(f"perf: {message}", file=sys.stderr, flush=True)
+
         rounds = measured + 1
         layouts = []
         for lay in (Layout(cores + 1), Layout(max(1, cores), server_trains=True)):
-            say(f"perf: fedmpi {lay.label} ...", flush=True)
+            say(f"fedmpi {lay.label} ...")
             name = f"perf_n{lay.n}{'_st' if lay.server_trains else ''}"
             layouts.append(run_fedmpi(job, lay, rounds, out, name, args.timeout))
-        say(f"perf: reference, {ref_rounds} round(s) ...", flush=True)
+        say(f"reference, {ref_rounds} round(s) ...")
         reference = run_reference(cfg, ref_rounds,
                                   args.ref_threads or torch.get_num_threads())
-        say("perf: bare SGD loop ...", flush=True)
+        say("bare SGD loop ...")
         bare = bare_sgd(cfg, round_=1, max_steps=args.bare_steps)
         big_n = min(scaling.num_clients + 1, max_ranks)
-        say(f"perf: {scaling.num_clients}-client job at -n 3 and -n {big_n} ...", flush=True)
+        say(f"{scaling.num_clients}-client job at -n 3 and -n {big_n} ...")
         same = [lay for lay in layouts if lay.n == 3 and not lay.server_trains]
         if scaling == job and same:  # --quick: the scaling job is the main job
             small = same[0]
