@@ -114,24 +114,13 @@ def summary_table(table: A.Table) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python analysis/sharpness.py",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run files (.h5) or folders of them")
-    p.add_argument("-o", "--out", default="figures", help="output folder (default figures)")
-    p.add_argument("--rows", nargs="*", default=[], metavar="SECTION.KEY",
-                   help="config keys that separate figures rather than methods")
-    p.add_argument("--include-incomplete", action="store_true")
+    p = A.cli("sharpness", __doc__, "figures", out=True)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        runs = A.load(args.runs, args.include_incomplete)
-    except FileNotFoundError as exc:
-        print(f"sharpness: error: {exc}", file=sys.stderr)
-        return 2
+    runs = A.load_cli("sharpness", args)
     runs = [r for r in runs if measured(r)]
     if not runs:
         print("sharpness: error: no complete runs with sharpness measurements (set "

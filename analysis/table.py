@@ -92,26 +92,17 @@ def render(table: A.Table, metric: str, fmt: str, ratio: bool = True) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python analysis/table.py", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run files (.h5) or folders of them")
+    p = A.cli("table", __doc__, "rows", out=False)
     p.add_argument("--metric", default="final_acc", choices=sorted(A.METRICS))
     p.add_argument("--format", default="md", choices=("md", "latex", "csv"))
     p.add_argument("--no-ratio", action="store_true", help="leave out the compression ratio")
-    p.add_argument("--rows", nargs="*", default=[], metavar="SECTION.KEY",
-                   help="config keys that separate rows rather than methods")
-    p.add_argument("--include-incomplete", action="store_true")
     p.add_argument("-o", "--output", help="write here instead of standard output")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        runs = A.load(args.runs, args.include_incomplete)
-    except FileNotFoundError as exc:
-        print(f"table: error: {exc}", file=sys.stderr)
-        return 2
+    runs = A.load_cli("table", args)
     if not runs:
         print("table: error: no complete runs found", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ backend, and save every figure as PNG and PDF.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
@@ -477,3 +478,30 @@ def seeds_note(table: Table, row: str) -> str:
         return ""
     n = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
     return f"mean over {n} seed(s)" + (", band = ±1 std" if ns[-1] > 1 else "")
+
+
+# ---------------------------------------------------------------------------- command lines
+
+
+def cli(script: str, doc: str, separates: str = "figures",
+        out: bool = True) -> argparse.ArgumentParser:
+    """The arguments every analysis script shares: run files or folders, -o, --rows."""
+    p = argparse.ArgumentParser(prog=f"python analysis/{script}.py",
+                                description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run files (.h5) or folders of them")
+    if out:
+        p.add_argument("-o", "--out", default="figures", help="output folder (default figures)")
+    p.add_argument("--rows", nargs="*", default=[], metavar="SECTION.KEY",
+                   help=f"config keys that separate {separates} rather than methods")
+    p.add_argument("--include-incomplete", action="store_true")
+    return p
+
+
+def load_cli(script: str, args: argparse.Namespace) -> list[RunInfo]:
+    """The runs named on a command line; a missing path exits 2 with a message."""
+    try:
+        return load(args.runs, args.include_incomplete)
+    except FileNotFoundError as exc:
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
