@@ -411,6 +411,22 @@ def test_e2e_mnist_without_ef_and_with_double_way_downlink(tmp_path):
     assert np.all(np.isfinite(r["test_loss"]))
 
 
+@pytest.mark.slow
+def test_bench_prints_the_phase_table_and_the_fit_comparison(capsys):
+    from fedmpi.bench import sfc3 as bench
+
+    root = need_mnist()[1].split("=", 1)[1]
+    assert bench.main(["--data-root", root, "--ranks", "1", "--rounds", "2", "--clients", "2",
+                       "--s-steps", "1", "--local-steps", "1", "--batch-size", "8",
+                       "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    row = next(line.split() for line in out.splitlines() if line.startswith(" -n 1"))
+    assert len(row) == 13 and row[10] == "250.6"  # ranks, round, 5 phases, ..., ratio
+    for method in ("sequential", "batched lockstep LBFGS, loop", "batched lockstep LBFGS, vmap"):
+        assert method in out
+    assert bench.main(["--data-root", "/nonexistent"]) == 2
+
+
 if __name__ == "__main__":
     if "--mpi-decode-check" in sys.argv:
         sys.exit(mpi_decode_check())
