@@ -421,7 +421,7 @@ def _build_compressor(table: dict[str, Any]) -> CompressorConfig:
     _require("params" not in table, "compressor.params", "unknown key")
     # ef left unset takes the compressor's own default (its class attribute ``ef_default``,
     # e.g. true for 3sfc as in its paper; false elsewhere); the resolved value is stored
-    generic.setdefault("ef", getattr(compress.REGISTRY[name], "ef_default", False))
+    generic.setdefault("ef", compress.REGISTRY[name].ef_default)
     params = build(compress.REGISTRY[name].Config, table, "compressor")
     base = build(CompressorConfig, generic, "compressor")
     return dataclasses.replace(base, name=name, params=params)

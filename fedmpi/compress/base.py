@@ -113,6 +113,8 @@ class Compressor(ABC):
     """Base class. Subclasses set ``name`` and ``Config`` and implement the three methods."""
 
     name: ClassVar[str]
+    #: ``compressor.ef`` when the config leaves it unset (3SFC: true, as in the paper)
+    ef_default: ClassVar[bool] = False
 
     @dataclass(frozen=True)
     class Config:
