@@ -463,6 +463,9 @@ def render(res: Results) -> str:
     lines.append(f"   (time_round - train - encode - decode - eval) / time_round: "
                  f"{st.outside:.1%}   (target < {TARGET_OUTSIDE:.0%}: "
                  f"{_verdict(st.outside < TARGET_OUTSIDE)})")
+    if st.outside < 0:
+        lines.append("   (below 0: time_train and time_encode are each the slowest rank's, and "
+                     "the two can be different ranks)")
 
     lines.append("-" * 100)
     lines.append("fedmpi runs: " + _launcher(res) + " -n N python -m mpi4py -m fedmpi.train "
