@@ -33,7 +33,8 @@ printed as ratios:
 round; the scaling runs are that job at ``-n 3`` and ``-n 5``) so that a test can run it
 end to end; its numbers are not the issue's. The MNIST files come from ``--root``, else
 ``$FEDMPI_DATA_ROOT``, else ``../shared/data`` beside the repository. Timings on a
-machine that other work is using are noisy: the load average is printed before and after.
+machine that other work is using are noisy: the 1-minute load average at the start is
+printed (run it when that is well below the core count).
 """
 
 from __future__ import annotations
@@ -369,7 +370,7 @@ class Results:
     big: Layout  #: item 3 and 4, -n N+1
     bare_torch_mb: float
     quick: bool = False
-    load: tuple[float, float] = (float("nan"), float("nan"))  #: 1-min load before, after
+    load: float = float("nan")  #: 1-minute load average at the start
     settings: list[str] = field(default_factory=list)
 
     @property
@@ -396,7 +397,7 @@ def render(res: Results) -> str:
                              else "")
     lines = [f"{title}: {res.job}",
              f"machine: {res.cores} cores, torch {torch.__version__}, 1-minute load average "
-             f"{res.load[0]:.2f} before, {res.load[1]:.2f} after",
+             f"{res.load:.2f} at the start",
              "-" * 100]
 
     # 1 ----------------------------------------------------------------------------
@@ -583,6 +584,6 @@ def main(argv: list[str]) -> int:
             tmp.cleanup()
     res = Results(job.describe(), cores, reference, layouts, model_flops(cfg), bare,
                   scaling.num_clients, small, big, bare_torch, quick=q,
-                  load=(load0, os.getloadavg()[0]), settings=job.settings())
+                  load=load0, settings=job.settings())
     print(render(res), flush=True)
     return 0
