@@ -104,7 +104,8 @@ def test_run_stats_leave_out_round_0_and_sum_rank_rss():
     assert st.outside == pytest.approx((5.0 - 3.5 - 0.75 - 0.1 - 0.3) / 5.0)
     assert st.samples == 2 * 10  # epochs x all clients' samples
     assert sum(st.peak_rss_mb) == pytest.approx(810.5)
-    assert st.test_acc == pytest.approx(0.9)
+    assert st.test_acc == pytest.approx([0.1, 0.5, 0.9])
+    assert st.acc_after(2) == pytest.approx(0.5) and np.isnan(st.acc_after(4))
 
 
 def test_layouts_count_training_ranks_and_threads():
@@ -119,7 +120,8 @@ def test_layouts_count_training_ranks_and_threads():
 
 
 def stats(seconds, train=0.0, encode=0.0, decode=0.0, evals=0.0, samples=240_000, rss=()):
-    return perf.RunStats(5, seconds, train, encode, decode, evals, samples, list(rss), 0.9)
+    return perf.RunStats(5, seconds, train, encode, decode, evals, samples, list(rss),
+                         [0.5, 0.7, 0.9])
 
 
 def results(**over) -> perf.Results:
@@ -142,8 +144,9 @@ def test_table_prints_every_line_with_its_ratio():
     for n in range(1, 6):
         assert any(line.startswith(f"{n}. ") for line in lines), n
     assert re.search(r"reference: official 3SFC loop, 1 process, 1 thread\(s\)\s+30\.00 s"
-                     r"   test acc 0\.8000; train 20\.00, fit 8\.00, decode 0\.50, eval 1\.50",
-                     out)
+                     r"   acc 0\.8000 after round 2; train 20\.00, fit 8\.00, decode 0\.50, "
+                     r"eval 1\.50", out)
+    assert re.search(r"fedmpi -n 3\s+3\.00 s   acc 0\.7000 after round 2; train 2\.40", out)
     assert "speed-up vs reference: 12.0x" in out  # 30 s / 2.5 s (the fastest layout)
     assert "(fedmpi -n 2 run.server_trains=true; target >= 10x: met)" in out
     fastest = [line for line in lines if "<- fastest" in line]

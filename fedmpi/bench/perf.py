@@ -180,7 +180,11 @@ class RunStats:
     eval: float
     samples: int  #: training samples per round
     peak_rss_mb: list[float] = field(default_factory=list)
-    test_acc: float = float("nan")  #: after the last round
+    test_acc: list[float] = field(default_factory=list)  #: after every round (0, 1, ...)
+
+    def acc_after(self, rounds: int) -> float:
+        """Test accuracy after ``rounds`` rounds (NaN if the run was shorter)."""
+        return self.test_acc[rounds - 1] if 0 < rounds <= len(self.test_acc) else float("nan")
 
     @property
     def outside(self) -> float:
@@ -202,7 +206,8 @@ def run_stats(run: metrics.Run) -> RunStats:
     rss = [float(v) for v in np.atleast_1d(run.attrs.get("peak_rss_mb", []))]
     return RunStats(len(range(n)[rows]), mean["time_round"], mean["time_train"],
                     mean["time_encode"], mean["time_decode"], mean["time_eval"],
-                    samples_per_round(sizes, cfg.client), rss, float(r["test_acc"][-1]))
+                    samples_per_round(sizes, cfg.client), rss,
+                    [float(a) for a in r["test_acc"]])
 
 
 @dataclass
@@ -405,13 +410,15 @@ def render(res: Results) -> str:
     lines.append(f"1. seconds per round (fedmpi: mean of rounds 1..{st.rounds}, round 0 is "
                  f"warm-up; reference: mean of {ref.rounds} round(s))")
     lines.append(_row(f"reference: official 3SFC loop, 1 process, {ref.threads} thread(s)",
-                      f"{ref.seconds:.2f} s", f"test acc {ref.test_acc:.4f}; train "
+                      f"{ref.seconds:.2f} s", f"acc {ref.test_acc:.4f} after round "
+                      f"{ref.rounds}; train "
                       f"{ref.train:.2f}, fit {ref.fit:.2f}, decode {ref.decode:.2f}, eval "
                       f"{ref.eval:.2f}"))
     for lay in res.layouts:
         s = lay.stats
         lines.append(_row(f"fedmpi {lay.label}", f"{s.seconds:.2f} s",
-                          f"test acc {s.test_acc:.4f}; train {s.train:.2f}, encode "
+                          f"acc {s.acc_after(ref.rounds):.4f} after round {ref.rounds}; "
+                          f"train {s.train:.2f}, encode "
                           f"{s.encode:.2f}, decode {s.decode:.2f}, eval {s.eval:.2f}"
                           + ("  <- fastest" if lay is best else "")))
     speedup = ref.seconds / st.seconds
