@@ -47,7 +47,7 @@ class Counters:
 
 class Transport:
     def __init__(self, comm: MPI.Comm | None = None, wait: str = "sleep",
-                 poll_max_ms: float = 2.0):
+                 poll_max_ms: float = 0.5):
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()

@@ -45,7 +45,7 @@ class RunConfig:
     out_dir: str = "runs"  #: folder of the HDF5 run file
     threads: int = 0  #: torch intra-op threads per rank; 0 = cores of the node / ranks on it
     mpi_wait: Literal["sleep", "block"] = "sleep"  #: how a rank waits in a collective
-    mpi_poll_max_ms: float = 2.0  #: longest sleep between two polls of a pending collective
+    mpi_poll_max_ms: float = 0.5  #: longest sleep between two polls of a pending collective
     hdf5_swmr: bool = True  #: single-writer/multiple-reader mode (read while running)
     device: Literal["auto", "cpu", "cuda"] = "auto"  #: auto = cuda:(local_rank % n_gpus) if any
     #: a NaN/Inf loss, client update, decoded update or global model: stop the run (exit 3),
