@@ -131,6 +131,8 @@ CASES = {
     "zero clients": (["--set", "data.num_clients=0"], "data.num_clients"),
     "alpha <= 0": (["--set", "data.alpha=0"], "data.alpha"),
     "unknown compressor": (["--set", "compressor.name=zip"], "compressor.name"),
+    "budget below one synthetic sample": (["--set", "compressor.name=3sfc", "--set",
+                                           "compressor.budget=10"], "compressor.budget"),
     "unknown model": (["--set", "model.name=gpt"], "model.name"),
     "unknown dataset": (["--set", "data.dataset=imagenet"], "data.dataset"),
     "more client ranks than clients": (["--set", "data.num_clients=2"], "data.num_clients"),
