@@ -2,7 +2,8 @@
 
 Round-loop traffic uses buffer-mode uppercase collectives only (no pickling, no padding):
 
-* ``bcast_header``  -- a small int64 round header, rank 0 -> all;
+* ``bcast_header``  -- a small int64 round header (control bits, sizes, participants),
+                       rank 0 -> all;
 * ``bcast_payload`` -- the downlink payload bytes (``MPI.BYTE``), rank 0 -> all;
 * ``gather_meta``   -- one fixed-size float64 record per rank (payload sizes and telemetry
                        that is *not* part of the counted payload), all -> rank 0;
@@ -122,16 +123,22 @@ class Transport:
         self.counters.meta += record.nbytes * (self.size - 1)
         return out
 
-    def gatherv_payloads(self, send: np.ndarray, counts: Sequence[int]) -> np.ndarray | None:
+    def gatherv_payloads(self, send: np.ndarray, counts: Sequence[int] | None
+                         ) -> np.ndarray | None:
         """Gather every rank's payload bytes; ``counts[r]`` must equal rank r's ``send.size``.
 
-        Rank 0 gets one uint8 buffer with the ranks' bytes back to back in rank order.
+        ``counts`` is needed on rank 0 only (other ranks may pass None; where given it is
+        checked). Rank 0 gets one uint8 buffer with the ranks' bytes back to back in rank
+        order.
         """
         assert send.dtype == np.uint8
-        counts = np.asarray(counts, dtype=np.int64)
-        if counts[self.rank] != send.size:
-            raise RuntimeError(f"rank {self.rank}: gatherv count {counts[self.rank]} != "
-                               f"{send.size} bytes to send")
+        if counts is None and self.is_server:
+            raise RuntimeError("rank 0 needs the gatherv counts of every rank")
+        if counts is not None:
+            counts = np.asarray(counts, dtype=np.int64)
+            if counts[self.rank] != send.size:
+                raise RuntimeError(f"rank {self.rank}: gatherv count {counts[self.rank]} != "
+                                   f"{send.size} bytes to send")
         recv = None
         if self.is_server:
             displs = np.zeros_like(counts)

@@ -38,7 +38,8 @@ from fedmpi.models import FlatModel, build_module
 from fedmpi.server import Server, sample_participants
 
 TAG_INIT = 401
-HEADER = 4  # round, downlink bytes, participants, estimator bytes; then a 0/1 client mask
+HEADER = 5  # round, control bits, downlink bytes, participants, estimator bytes; then a
+#            0/1 mask of the participating clients
 SLOT = 8  # per owned client: id, participated, payload bytes, loss, efficiency, n, steps,
 #          divergence code (fedmpi.client.DIVERGED)
 USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.ResumeError, FileExistsError,
@@ -202,42 +203,41 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     start = time.perf_counter() - (saved["wall_time"] if first and t.is_server else 0.0)
     signals = checkpoint.SignalFlag()
     cpu0 = time.process_time()
-    control = np.zeros(2, dtype=np.int64)  # what every rank does before the round
     code = 0
     for rnd in range(first, cfg.run.rounds):
         t0 = time.perf_counter()
         t.reset_counters()
-        if t.is_server:
+        if t.is_server:  # nothing here changes server state: a checkpoint may follow
             due = cfg.checkpoint.every and rnd > first and rnd % cfg.checkpoint.every == 0
-            control[:] = (rnd, (checkpoint.CONTROL_STOP if stopped else 0)
-                          | (checkpoint.CONTROL_CHECKPOINT if due or signals.raised else 0)
-                          | (checkpoint.CONTROL_EXIT if signals.raised else 0))
-        t.bcast_header(control)
-        if control[1] & checkpoint.CONTROL_STOP:  # the server stopped the run last round
+            control = ((checkpoint.CONTROL_STOP if stopped else 0)
+                       | (checkpoint.CONTROL_CHECKPOINT if due or signals.raised else 0)
+                       | (checkpoint.CONTROL_EXIT if signals.raised else 0))
+            participants = sample_participants(cfg, rnd)
+            down = down_link.server_payload(server.params, rnd).to_bytes()
+            extra = estimator.server_payload(rnd).to_bytes()
+            header[:HEADER] = (rnd, control, down.size, len(participants), extra.size)
+            header[HEADER:] = 0
+            header[HEADER + np.asarray(participants)] = 1
+        t.bcast_header(header)
+        control = int(header[1])
+        if control & checkpoint.CONTROL_STOP:  # the server stopped the run last round
             break
-        if control[1] & checkpoint.CONTROL_CHECKPOINT:
+        if control & checkpoint.CONTROL_CHECKPOINT:
             take_checkpoint(t, cfg, rnd, time.perf_counter() - start, model, down_link,
                             estimator, group)
-        if control[1] & checkpoint.CONTROL_EXIT:
+        if control & checkpoint.CONTROL_EXIT:
             code = checkpoint.EXIT_REQUEUE
             if t.is_server:
                 print(f"fedmpi: signal {signals.raised}: checkpointed before round {rnd}; "
                       "rerun with --resume", file=sys.stderr, flush=True)
             break
+        participants = [int(i) for i in np.flatnonzero(header[HEADER:])]
         if t.is_server:
-            participants = sample_participants(cfg, rnd)
-            down = down_link.server_payload(server.params, rnd).to_bytes()
-            extra = estimator.server_payload(rnd).to_bytes()
             down_client_bytes = (down_link.client_bytes(participants, rnd, down.size)
                                  + extra.size * len(participants))
-            header[:HEADER] = (rnd, down.size, len(participants), extra.size)
-            header[HEADER:] = 0
-            header[HEADER + np.asarray(participants)] = 1
-        t.bcast_header(header)
-        participants = [int(i) for i in np.flatnonzero(header[HEADER:])]
-        if not t.is_server:
-            down = np.empty(int(header[1]), dtype=np.uint8)
-            extra = np.empty(int(header[3]), dtype=np.uint8)
+        else:
+            down = np.empty(int(header[2]), dtype=np.uint8)
+            extra = np.empty(int(header[4]), dtype=np.uint8)
         t.bcast_payload(down)
         if extra.size:
             t.bcast_payload(extra)
@@ -258,9 +258,9 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             if results:
                 send = np.concatenate([r.payload.to_bytes() for r in results])
         table = t.gather_meta(record)
-        counts = table[:, 2:].reshape(t.size, max_slots, SLOT)[:, :, 2].sum(1).astype(
-            np.int64) if t.is_server else np.zeros(t.size, dtype=np.int64)
-        gathered = t.gatherv_payloads(send, counts if t.is_server else _counts_of(t, send))
+        counts = (table[:, 2:].reshape(t.size, max_slots, SLOT)[:, :, 2].sum(1)
+                  if t.is_server else None)
+        gathered = t.gatherv_payloads(send, counts)
 
         if not t.is_server:
             continue
@@ -420,13 +420,6 @@ def restore_run(t: Transport, saved, owners, model, down_link, estimator, group)
         states, replica = mine
         group.states.update(states)
         group.set_global(replica.to(group.global_params.device))
-
-
-def _counts_of(t: Transport, send: np.ndarray) -> np.ndarray:
-    """Non-root ranks only need their own count to be right in the Gatherv call."""
-    counts = np.zeros(t.size, dtype=np.int64)
-    counts[t.rank] = send.size
-    return counts
 
 
 def print_summary(cfg: config.Config, history: list[dict], path: str) -> None:
