@@ -215,7 +215,8 @@ class ClientGroup:
         encodes all of the rank's participants together. A rank holds at most one chunk of
         updates.
         """
-        mine = [cid for cid in self.clients if cid in set(participants)]
+        chosen = set(participants)
+        mine = [cid for cid in self.clients if cid in chosen]
         execution = self.cfg.client.execution
         chunk = {"sequential": 1, "batched": len(mine)}.get(
             execution, self.compressor.batch_clients)
