@@ -199,11 +199,133 @@ class Packing:
                 z[:, self.nx:].reshape(b, *self.y_shape))
 
 
-def resolve_mode(mode: str, device: torch.device) -> str:
-    """``auto`` -> ``vmap`` on CUDA, ``loop`` elsewhere (see :func:`match_fn`)."""
+#: floats per 64 bytes: the padded widths of :class:`Layers`
+_ALIGN = 16
+
+
+def _padded(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+class Layers:
+    """A model that is a chain of dense layers: ``Sequential([Flatten,] Linear, ReLU, ...,
+    Linear)`` (fedmpi's ``mlp`` and ``logreg``), for the ``factored`` evaluation.
+
+    For such a model the per-sample gradient of a layer is an outer product, so the two
+    numbers the cosine objective needs come from per-layer factors without ever forming
+    the d-sized g (Gradient direction, soft-target CE with mean over M samples):
+
+        a_0 = X,  h_l = a_{l-1} W_l^T + b_l,  a_l = relu(h_l),  logits z = h_L
+        e_L = (softmax(z) * sum_c Y - Y) / M,  e_l = (e_{l+1} W_{l+1}) * [h_l > 0]
+        G_l = e_l^T a_{l-1},  gb_l = sum_m e_l       (the blocks of g)
+        <g, u>  = sum_l sum(e_l * (a_{l-1} U_l^T + ub_l))
+        ||g||^2 = sum_l sum((e_l e_l^T) * (a_{l-1} a_{l-1}^T)) + ||gb_l||^2
+
+    Per problem this reads its target u twice (forward and backward of a_{l-1} U_l^T) and
+    nothing else d-sized; all B problems go through one batched call per operation. The
+    value is the same J as :func:`cosine_objective` on the formed g, up to float rounding.
+
+    Batch independence: every width (input, hidden, classes) is zero-padded to a multiple
+    of 16 floats (padded units have zero weights and targets, padded classes a -inf bias
+    and zero labels, so they add exact zeros), and every product is a ``bmm`` with the
+    shared weights expanded over the batch. Each problem then sits at the same 64-byte
+    alignment in every tensor and runs the same same-shape kernels, so its J and gradient
+    are bit-identical whatever batch (and batch position) it is evaluated in: a run does
+    not depend on how clients are spread over ranks.
+    """
+
+    def __init__(self, sm: SynthModel):
+        mods = list(sm.module.children()) if isinstance(sm.module, nn.Sequential) else []
+        if mods and isinstance(mods[0], nn.Flatten):
+            mods = mods[1:]
+        linears = mods[0::2]
+        acts = mods[1::2]
+        params = list(sm.module.parameters())
+        self.ok = (bool(linears) and len(linears) == len(acts) + 1
+                   and all(type(m) is nn.Linear and m.bias is not None for m in linears)
+                   and all(type(a) is nn.ReLU for a in acts)
+                   and len(params) == 2 * len(linears)
+                   and all(p is q for p, q in zip(
+                       params, [t for m in linears for t in (m.weight, m.bias)], strict=True)))
+        self.shapes = [tuple(m.weight.shape) for m in linears] if self.ok else []
+
+    @classmethod
+    def of(cls, direction: Any) -> Layers | None:
+        """The factorisation of ``direction``'s model, or None when it does not apply."""
+        if not isinstance(direction, Gradient):
+            return None
+        layers = cls(direction.sm)
+        return layers if layers.ok else None
+
+    def split(self, v: torch.Tensor, fill: float = 0.0
+              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Fresh zero-padded (W_l, b_l) of the flat ``v`` (..., d) in FlatModel order:
+        W_l (..., pad(out), pad(in)), b_l (..., pad(out)); the last layer's padded bias
+        entries are ``fill``."""
+        out, off = [], 0
+        lead = v.shape[:-1]
+        for n, (o, i) in enumerate(self.shapes):
+            wt = v.new_zeros((*lead, _padded(o), _padded(i)))
+            wt[..., :o, :i] = v[..., off:off + o * i].reshape(*lead, o, i)
+            bias = v.new_full((*lead, _padded(o)), fill if n == len(self.shapes) - 1 else 0.0)
+            bias[..., :o] = v[..., off + o * i:off + o * i + o]
+            out.append((wt, bias))
+            off += o * i + o
+        return out
+
+    def pad_inputs(self, x: torch.Tensor, y: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh zero-padded (B, M, pad(D_in)) and (B, M, pad(C)) copies of x and y."""
+        b, m = x.shape[0], x.shape[1]
+        xp = x.new_zeros((b, m, _padded(self.shapes[0][1])))
+        xp[..., :self.shapes[0][1]] = x.reshape(b, m, -1)
+        yp = y.new_zeros((b, m, _padded(self.shapes[-1][0])))
+        yp[..., :self.shapes[-1][0]] = y
+        return xp, yp
+
+    @staticmethod
+    def objective(wl, ul, u_norm: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                  lambd: float, absolute: bool) -> torch.Tensor:
+        """J of B problems from padded tensors (:meth:`split`, :meth:`pad_inputs`): ``wl``
+        the shared (W_l, b_l) (last bias padded with -inf); ``ul`` the B problems' target
+        blocks; ``u_norm`` (B,); x (B, M, pad(D_in)); y (B, M, pad(C)). Differentiable in
+        x and y."""
+        b, m = x.shape[0], x.shape[1]
+        a = [x]
+        hs = []
+        for i, (wt, bias) in enumerate(wl):
+            h = torch.baddbmm(bias.expand(b, m, -1), a[-1], wt.t().expand(b, -1, -1))
+            hs.append(h)
+            if i < len(wl) - 1:
+                a.append(torch.relu(h))
+        p = torch.softmax(hs[-1], dim=-1)
+        e = (p * y.sum(-1, keepdim=True) - y) / m
+        gu = gg = None
+        for i in range(len(wl) - 1, -1, -1):
+            uw, ub = ul[i]
+            v = torch.baddbmm(ub[:, None, :].expand(-1, m, -1), a[i], uw.transpose(1, 2))
+            gb = e.sum(1)
+            terms = ((e * v).sum((1, 2)),
+                     (torch.bmm(e, e.transpose(1, 2)) * torch.bmm(a[i], a[i].transpose(1, 2))
+                      ).sum((1, 2)) + (gb * gb).sum(1))
+            gu, gg = terms if gu is None else (gu + terms[0], gg + terms[1])
+            if i:
+                e = torch.bmm(e, wl[i][0].expand(b, -1, -1)) * (hs[i - 1] > 0)
+        cos = gu / (torch.sqrt(gg) * u_norm + 1e-12)
+        j = 1.0 - (cos.abs() if absolute else cos)
+        if lambd:
+            j = j + lambd * (x.pow(2).sum((1, 2)) + y.pow(2).sum((1, 2)))
+        return j
+
+
+def resolve_mode(mode: str, device: torch.device, direction: Any = None) -> str:
+    """``auto`` -> ``factored`` when the model is a chain of dense layers (:class:`Layers`),
+    else ``vmap`` on CUDA and ``loop`` elsewhere (see :func:`match_fn`)."""
     if mode == "auto":
+        if direction is not None and Layers.of(direction) is not None:
+            return "factored"
         return "vmap" if device.type == "cuda" else "loop"
-    if mode not in ("vmap", "loop"):
+    if mode not in ("vmap", "loop", "factored"):
         raise ValueError(f"unknown evaluation mode {mode!r}")
     return mode
 
@@ -221,8 +343,34 @@ def match_fn(direction: Direction, w: torch.Tensor, targets: torch.Tensor,
     targets = targets.detach()
     norms = torch.linalg.vector_norm(targets, dim=1)
     pack = Packing(direction.x_shape, direction.y_shape)
+    mode = resolve_mode(mode, w.device, direction)
 
-    if resolve_mode(mode, w.device) == "vmap":
+    if mode == "factored":
+        layers = Layers.of(direction)
+        if layers is None:
+            raise ValueError("evaluation mode 'factored' needs a Gradient direction on a "
+                             "chain of Linear / ReLU layers (mlp, logreg)")
+        wl = layers.split(w, fill=-math.inf)
+        ul = layers.split(targets)
+        nx, nc = layers.shapes[0][1], layers.shapes[-1][0]
+
+        def fn(z: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            xs, ys = pack.unpack(z.detach())
+            x, y = layers.pad_inputs(xs, ys)
+            x.requires_grad_(True)
+            y.requires_grad_(True)
+            every = len(rows) == len(targets) and bool((rows == torch.arange(
+                len(targets), device=rows.device)).all())
+            sub = ul if every else [(uw.index_select(0, rows), ub.index_select(0, rows))
+                                    for uw, ub in ul]
+            with torch.enable_grad():
+                j = layers.objective(wl, sub, norms[rows], x, y, opts.lambd, opts.absolute)
+                gx, gy = torch.autograd.grad(j.sum(), (x, y))
+            return j.detach(), pack.pack(gx[..., :nx].reshape(xs.shape), gy[..., :nc])
+
+        return fn
+
+    if mode == "vmap":
         def one(x, y, u, u_norm):
             return cosine_objective(direction.func(w, x, y), u, u_norm, x, y, opts.lambd,
                                     opts.absolute)
@@ -265,45 +413,102 @@ def match_fn(direction: Direction, w: torch.Tensor, targets: torch.Tensor,
 
 
 class _History:
-    """LBFGS memory of B problems in lockstep: entries in insertion order; row b of an
-    entry belongs to problem b's history only while ``valid[b]`` (else it is zeroed, so
-    it adds exact zeros in the two-loop recursion)."""
+    """LBFGS memory of B problems in lockstep, applied in the compact form.
+
+    Row b holds its own entries (s_i, y_i), oldest first, in slots 0..count[b]-1; the
+    slots after them are zero. ``direction`` returns -H g for the LBFGS inverse-Hessian
+    approximation H of each row's history with H0 = h_diag I, in the compact
+    representation of Byrd, Nocedal and Schnabel ("Representations of quasi-Newton
+    matrices and their use in limited memory methods", Math. Prog. 63, 1994, eq. 3.1):
+
+        H g = h g + S q - h Y p,   p = R^-1 S^T g,   q = R^-T ((D + h Y^T Y) p - h Y^T g)
+
+    with R the upper triangle of S^T Y and D its diagonal. That is the H of
+    torch.optim.LBFGS's two-loop recursion (equal in exact arithmetic) in a fixed dozen
+    batched operations instead of four per entry and problem; the k x k algebra is
+    float64. An empty slot gets R_ii = 1, which makes its p_i and q_i exact zeros.
+    A row's entries sit at the same slots whatever the other rows hold, and the buffers
+    are padded (P to 16 floats, slots to 8), so a problem's numbers do not depend on the
+    batch it is in.
+    """
 
     def __init__(self, size: int, batch: int, device: torch.device):
         self.size = size
-        self.entries: list[list[torch.Tensor]] = []  # [y, s, ro, valid]
         self.count = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.cap = 0
+        self.buf: torch.Tensor | None = None  # (B, cap, 2, P'): s_i, y_i
+        self.sy = self.yy = torch.zeros((batch, 0, 0), dtype=torch.float64, device=device)
+
+    def _grow(self, p: int, dtype: torch.dtype, device: torch.device) -> None:
+        b, old = self.count.shape[0], self.cap
+        cap = min(max(8, 2 * old), -(-self.size // 8) * 8)
+        buf = torch.zeros((b, cap, 2, _padded(p)), dtype=dtype, device=device)
+        sy = torch.zeros((b, cap, cap), dtype=torch.float64, device=device)
+        yy = torch.zeros_like(sy)
+        if old:
+            buf[:, :old] = self.buf
+            sy[:, :old, :old] = self.sy
+            yy[:, :old, :old] = self.yy
+        self.buf, self.sy, self.yy, self.cap = buf, sy, yy, cap
 
     def add(self, y: torch.Tensor, s: torch.Tensor, ys: torch.Tensor,
             mask: torch.Tensor) -> None:
-        full = mask & (self.count == self.size)
-        for b in torch.nonzero(full).flatten().tolist():  # drop each full row's oldest
-            for e in self.entries:
-                if e[3][b]:
-                    e[0][b] = 0.0
-                    e[1][b] = 0.0
-                    e[2][b] = 0.0
-                    e[3][b] = False
-                    break
-        self.count += (mask & ~full).long()
-        m = mask[:, None]
-        ro = torch.where(mask, 1.0 / torch.where(mask, ys, 1.0), 0.0)
-        self.entries.append([torch.where(m, y, 0.0), torch.where(m, s, 0.0), ro, mask.clone()])
-        self.entries = [e for e in self.entries if bool(e[3].any())]
+        b, p = y.shape
+        full = torch.nonzero(mask & (self.count == self.size)).flatten()
+        if full.numel():  # drop each full row's oldest entry: shift its slots left
+            n = self.size
+            self.buf[full, :n - 1] = self.buf[full, 1:n].clone()
+            self.buf[full, n - 1] = 0.0
+            for mat in (self.sy, self.yy):
+                mat[full, :n - 1, :n - 1] = mat[full, 1:n, 1:n].clone()
+                mat[full, n - 1] = 0.0
+                mat[full, :, n - 1] = 0.0
+            self.count[full] -= 1
+        rows = torch.nonzero(mask).flatten()
+        if not rows.numel():
+            return
+        if int(self.count.max()) + 1 > self.cap:
+            self._grow(p, y.dtype, y.device)
+        slot = self.count[rows]
+        self.buf[rows, slot, 0, :p] = s[rows]
+        self.buf[rows, slot, 1, :p] = y[rows]
+        self.count[rows] += 1
+        k = min(-(-int(self.count.max()) // 8) * 8, self.cap)
+        every = len(rows) == b
+        hist = (self.buf[:, :k] if every else self.buf[rows, :k]).reshape(len(rows), 2 * k, -1)
+        new = self.buf[rows, slot]  # (R, 2, P'): s_new, y_new
+        # one pass over the history; row-vector x matrix products (as everywhere here):
+        # bmm's matrix x column-vector kernels round differently for different batch sizes
+        dots = torch.bmm(new, hist.transpose(1, 2)).double().view(len(rows), 2, k, 2)
+        # dots[r, a, i, c] = new_a . hist_(i, c), a and c: 0 = s, 1 = y
+        self.sy[rows, :k, slot] = dots[:, 1, :, 0]  # s_i . y_new
+        self.sy[rows, slot, :k] = dots[:, 0, :, 1]  # y_i . s_new (s_new . y_new twice)
+        self.yy[rows, :k, slot] = dots[:, 1, :, 1]  # y_i . y_new
+        self.yy[rows, slot, :k] = dots[:, 1, :, 1]
 
     def direction(self, g: torch.Tensor, h_diag: torch.Tensor) -> torch.Tensor:
-        """The two-loop recursion: -H g per row, H from that row's history."""
-        q = g.neg()
-        al = [None] * len(self.entries)
-        for i in range(len(self.entries) - 1, -1, -1):
-            y, s, ro, _ = self.entries[i]
-            al[i] = torch.linalg.vecdot(s, q) * ro
-            q.addcmul_(y, al[i][:, None], value=-1.0)
-        r = q * h_diag[:, None]
-        for i, (y, s, ro, _) in enumerate(self.entries):
-            be = torch.linalg.vecdot(y, r) * ro
-            r.addcmul_(s, (al[i] - be)[:, None])
-        return r
+        """-H g per row, H from that row's history (see the class docstring)."""
+        b, p = g.shape
+        top = int(self.count.max())
+        if top == 0:
+            return -(g * h_diag[:, None])
+        k = min(-(-top // 8) * 8, self.cap)  # slots in play (padded; empty ones drop out)
+        hist = self.buf[:, :k].reshape(b, 2 * k, -1)
+        gp = g.new_zeros((b, 1, hist.shape[2]))
+        gp[:, 0, :p] = g
+        sg, yg = torch.bmm(gp, hist.transpose(1, 2)).double().view(b, k, 2).unbind(2)
+        h = h_diag.double()[:, None]
+        sy = self.sy[:, :k, :k]
+        used = torch.arange(k, device=g.device)[None, :] < self.count[:, None]
+        r = torch.triu(sy) + torch.diag_embed((~used).double())
+        pv = torch.linalg.solve_triangular(r, sg[..., None], upper=True)
+        ypv = torch.bmm(pv.transpose(1, 2), self.yy[:, :k, :k])[:, 0, :, None]  # YY symmetric
+        rhs = torch.diagonal(sy, dim1=1, dim2=2)[..., None] * pv + h[..., None] * (
+            ypv - yg[..., None])
+        qv = torch.linalg.solve_triangular(r.transpose(1, 2), rhs, upper=False)
+        coef = torch.stack([qv[..., 0], -h * pv[..., 0]], 2).to(g.dtype)  # (B, k, 2)
+        hg = torch.bmm(coef.view(b, 1, 2 * k), hist)[:, 0, :p]  # second pass
+        return -(h_diag[:, None] * g + hg)
 
 
 def _evaluate(fn: BatchedFn, z: torch.Tensor, mask: torch.Tensor | None = None,

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedmpi import compress, config, data, downlink, launch
+from fedmpi import compress, config, data, downlink, launch, synth
 from fedmpi.compress import Context, ErrorFeedback, ModelSpec
 from fedmpi.compress.sfc3 import SFC3
 from fedmpi.config import ConfigError
@@ -152,6 +152,20 @@ def test_bad_keys_are_named(sets, key):
     with pytest.raises(ConfigError) as err:
         load_cfg(*sets)
     assert err.value.key == key
+
+
+def test_factored_eval_mode_needs_a_dense_chain():
+    """eval_mode = factored is refused, naming the key, for a convolutional model (by
+    shapes when the compressor is built); accepted and the auto default for the MLP."""
+    mlp = make_model()
+    comp, _ = build(mlp, "compressor.eval_mode='factored'", "compressor.ef=false")
+    assert synth.Layers.of(comp.direction(mlp)) is not None
+    conv = FlatModel(build_module(config.ModelConfig(name="mnistnet"), MNIST, 10, 0))
+    with pytest.raises(ConfigError) as err:
+        build(conv, "compressor.eval_mode='factored'")
+    assert err.value.key == "compressor.eval_mode"
+    build(conv)  # auto: fine (loop evaluation)
+    assert synth.resolve_mode("auto", torch.device("cpu"), comp.direction(mlp)) == "factored"
 
 
 def test_ef_is_on_by_default_for_3sfc_only():

@@ -44,6 +44,7 @@ TAG_SFC3 = 501  # random stream of the synthetic-feature start (X0, Y0)
 
 Optimizer = Literal["lbfgs", "gd"]
 EvalMode = Literal["auto", "vmap", "loop"]
+SFC3EvalMode = Literal["auto", "factored", "vmap", "loop"]
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -71,6 +72,20 @@ def validate_fit(cfg: Any) -> None:
     _check(cfg.batch_clients >= 1, "batch_clients", f"must be >= 1 (got {cfg.batch_clients})")
 
 
+def dense_chain(spec: ModelSpec) -> bool:
+    """Parameter shapes of Linear layers chained from the flattened input to the classes
+    (weight (out, in), bias (out), ...): the shape test of :class:`fedmpi.synth.Layers`."""
+    shapes = list(spec.shapes)
+    if not shapes or len(shapes) % 2:
+        return False
+    width = math.prod(spec.input_shape)
+    for wt, bias in zip(shapes[0::2], shapes[1::2], strict=True):
+        if len(wt) != 2 or wt[1] != width or tuple(bias) != (wt[0],):
+            return False
+        width = wt[0]
+    return width == spec.num_classes
+
+
 class SFC3(Compressor):
     name = "3sfc"
     ef_default: ClassVar[bool] = True  #: compressor.ef defaults to true (fedmpi.config)
@@ -86,8 +101,10 @@ class SFC3(Compressor):
         max_iter: int = 20  #: LBFGS iterations per outer step (torch default)
         lambd: float = 0.0  #: lambda of the lambda (||X||^2 + ||Y||^2) penalty (paper: 0)
         batch_clients: int = 16  #: clients of a rank fitted together in one batched fit
-        #: how the batched fit evaluates its problems: vmap (GPU), loop (CPU), auto
-        eval_mode: EvalMode = "auto"
+        #: how the batched fit evaluates its problems: factored (dense chains: mlp, logreg),
+        #: vmap (GPU), loop (CPU); auto = factored where it applies, else vmap on a GPU
+        #: and loop on a CPU
+        eval_mode: SFC3EvalMode = "auto"
 
         def validate(self) -> None:
             validate_fit(self)
@@ -110,6 +127,8 @@ class SFC3(Compressor):
         self.d_in = math.prod(spec.input_shape)
         self.num_classes = spec.num_classes
         self.m = self.samples()
+        _check(cfg.eval_mode != "factored" or dense_chain(spec), "eval_mode",
+               "factored evaluation needs a chain of dense layers (model mlp or logreg)")
         self.batch_clients = cfg.batch_clients
         self.options = synth.FitOptions(steps=cfg.s_steps, optimizer=cfg.optimizer, lr=cfg.lr,
                                         max_iter=cfg.max_iter, lambd=cfg.lambd)
@@ -142,7 +161,11 @@ class SFC3(Compressor):
                              "differentiate)")
         key = id(model)
         if key not in self._directions:
-            self._directions[key] = self.make_direction(synth.SynthModel(model))
+            direction = self.make_direction(synth.SynthModel(model))
+            _check(self.cfg.eval_mode != "factored" or synth.Layers.of(direction) is not None,
+                   "eval_mode", "factored evaluation needs a chain of dense layers "
+                   "(model mlp or logreg)")
+            self._directions[key] = direction
         return self._directions[key]
 
     # encode ------------------------------------------------------------------
