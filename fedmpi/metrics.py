@@ -21,13 +21,24 @@ import datetime
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import h5py
 import numpy as np
 
 import fedmpi
 from fedmpi.config import Config, loads, to_toml
+
+if TYPE_CHECKING:
+    import h5py
+
+
+def _h5py():
+    """h5py, imported on first use: only rank 0 writes the run file, and the client ranks
+    that import this module through fedmpi.train never load h5py and libhdf5 (~10 MiB of
+    resident memory per rank; tests/test_train.py checks)."""
+    import h5py
+
+    return h5py
 
 #: per-round scalars: name -> dtype (floats are NaN where a metric is not computed)
 ROUND_METRICS: dict[str, str] = {
@@ -80,7 +91,7 @@ class RunWriter:
         # SWMR needs the latest file format; without SWMR keep the default format, whose
         # superblock has no "open for write" flag, so a crashed writer leaves it readable
         self.libver = "latest" if swmr else None
-        self.f = h5py.File(path, "w", libver=self.libver)
+        self.f = _h5py().File(path, "w", libver=self.libver)
         a = self.f.attrs
         a["fedmpi_version"] = fedmpi.__version__
         a["git_commit"] = git_commit()
@@ -129,7 +140,7 @@ class RunWriter:
         w.f.close()
         os.replace(tmp, path)
         w.path, w.libver = path, ("latest" if swmr else None)
-        w.f = h5py.File(path, "r+", libver=w.libver)
+        w.f = _h5py().File(path, "r+", libver=w.libver)
         if swmr:
             w.f.swmr_mode = True
         return w
@@ -156,7 +167,7 @@ class RunWriter:
         if self.f:
             self.f.close()
             self.f = None
-        with h5py.File(self.path, "r+", libver=self.libver) as f:
+        with _h5py().File(self.path, "r+", libver=self.libver) as f:
             for k, v in (attrs or {}).items():
                 f.attrs[k] = v
             if complete:
@@ -187,11 +198,12 @@ class Run:
 
 
 def _open(path: str) -> h5py.File:
+    h5 = _h5py()
     try:
-        return h5py.File(path, "r")
+        return h5.File(path, "r")
     except OSError:
         # written in SWMR mode and still open, or its writer crashed: SWMR read works
-        return h5py.File(path, "r", libver="latest", swmr=True)
+        return h5.File(path, "r", libver="latest", swmr=True)
 
 
 def open_run(path: str) -> Run:
