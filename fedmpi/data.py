@@ -3,12 +3,15 @@
 Only rank 0 loads a dataset (:func:`load`); it partitions the training split
 (:func:`partition`) and the transport sends every client rank the samples of the clients
 it owns, so a client rank holds only its own clients' data and never imports torchvision.
+Rank 0 reads the image files itself (numpy: IDX files, pickled CIFAR batches), the files
+torchvision's loaders read, to the same arrays; importing torchvision (~160 MiB resident:
+sympy, PIL, torch._dynamo, ...) happens only to download (``data.download = true``).
 Samples stay in their storage dtype (uint8 for images, channels first) until a batch is
 drawn; :class:`Normalizer` turns a batch into normalised float32 on the rank's device, and
 :class:`Augmenter` (``data.augment``, CIFAR only) crops and flips a batch there first.
 
-Datasets (the image sets are read by torchvision from ``data.root`` or
-``$FEDMPI_DATA_ROOT``; nothing is downloaded unless ``data.download = true``)
+Datasets (the image sets are read from ``data.root`` or ``$FEDMPI_DATA_ROOT`` in
+torchvision's on-disk layout; torchvision downloads them only if ``data.download = true``)
   ``synthetic``  Synthetic(alpha, beta) of FedProx (Li et al., "Federated Optimization in
                  Heterogeneous Networks", MLSys 2020), the LEAF generator: client k has
                  W_k, b_k ~ N(u_k, 1), u_k ~ N(0, alpha); x ~ N(v_k, diag(j^-1.2)),
@@ -22,7 +25,8 @@ Datasets (the image sets are read by torchvision from ``data.root`` or
   ``emnist``     EMNIST, ``<root>/EMNIST/raw/``, split ``data.emnist_split``: byclass (62
                  classes, the 3SFC default), bymerge (47), balanced (47), letters (26; the
                  files' labels 1..26 become 0..25), digits (10), mnist (10). Images as
-                 torchvision returns them (transposed relative to MNIST, as in 3SFC).
+                 stored in the files, as torchvision returns them (transposed relative to
+                 MNIST, as in 3SFC).
   ``cifar10``    CIFAR-10, ``<root>/cifar-10-batches-py/``: 3x32x32, 10 classes.
   ``cifar100``   CIFAR-100, ``<root>/cifar-100-python/``: 3x32x32, 100 (fine) classes.
   The MNIST family is only scaled to [0, 1] (as 3SFC's ``ToTensor``); CIFAR is then
@@ -60,7 +64,9 @@ Partitions (all driven by an explicit ``numpy.random.Generator``; ALGORITHMS.md 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -191,6 +197,39 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
              "t10k-labels-idx1-ubyte")
 
 
+@dataclass(frozen=True)
+class CifarFiles:
+    """One CIFAR archive's unpacked files with the official md5 sums (as torchvision's
+    ``CIFAR10`` / ``CIFAR100`` list them)."""
+
+    folder: str
+    train: tuple[tuple[str, str], ...]
+    test: tuple[tuple[str, str], ...]
+    meta: tuple[str, str]
+
+    @property
+    def entries(self) -> tuple[tuple[str, str], ...]:
+        return (*self.train, *self.test, self.meta)
+
+
+CIFAR_FILES = {
+    "CIFAR10": CifarFiles(
+        "cifar-10-batches-py",
+        (("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+         ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+         ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+         ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+         ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb")),
+        (("test_batch", "40351d587109b95175f43aff81a1287e"),),
+        ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888")),
+    "CIFAR100": CifarFiles(
+        "cifar-100-python",
+        (("train", "16019d7e3df5f24257cddd939b257f8d"),),
+        (("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),),
+        ("meta", "7973b15100ade9c7d40fb424638fde48")),
+}
+
+
 def _synthetic_info(cfg: DataConfig) -> DatasetInfo:
     return DatasetInfo("synthetic", (cfg.syn_dim,), cfg.syn_classes)
 
@@ -263,7 +302,7 @@ def _require_files(cfg: DataConfig, folder: str, files: tuple[str, ...], what: s
     """DataError naming ``folder`` and the missing files (skipped when downloading)."""
     if cfg.download:
         return
-    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+    missing = _missing(folder, files)
     if not missing:
         return
     packed = [f for f in missing if os.path.isfile(os.path.join(folder, f + ".gz"))]
@@ -275,16 +314,81 @@ def _require_files(cfg: DataConfig, folder: str, files: tuple[str, ...], what: s
                     "true to let torchvision fetch it")
 
 
-def _torchvision_split(cls, root: str, train: bool, download: bool, folder: str,
-                       files: tuple[str, ...], **kwargs):
-    """Instantiate a torchvision dataset; any failure becomes a DataError naming ``folder``."""
+def _download(cls_name: str, root: str, folder: str, files: tuple[str, ...],
+              **kwargs) -> None:
+    """``data.download = true`` and files missing (or, CIFAR, failing their md5 check):
+    let torchvision fetch and unpack them (instantiating its dataset does that); any
+    failure becomes a DataError naming ``folder``."""
+    import torchvision  # only here: rank 0 reads the files itself (module docstring)
+
+    cls = getattr(torchvision.datasets, cls_name)
     try:
-        return cls(root, train=train, download=download, **kwargs)
+        cls(root, train=True, download=True, **kwargs)
     except Exception as exc:  # torchvision raises RuntimeError, OSError, ValueError, ...
-        action = "downloaded" if download else "read"
-        raise DataError(f"{cls.__name__} files under {os.path.abspath(folder)} could not be "
-                        f"{action} (expected: {', '.join(files)}; corrupt or truncated?): "
+        raise DataError(f"{cls_name} files under {os.path.abspath(folder)} could not be "
+                        f"downloaded (expected: {', '.join(files)}): "
                         f"{type(exc).__name__}: {exc}") from None
+
+
+def _missing(folder: str, files: tuple[str, ...]) -> list[str]:
+    return [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+
+
+def _unreadable(cls_name: str, folder: str, files: tuple[str, ...], exc: Exception
+                ) -> DataError:
+    return DataError(f"{cls_name} files under {os.path.abspath(folder)} could not be read "
+                     f"(expected: {', '.join(files)}; corrupt or truncated?): "
+                     f"{type(exc).__name__}: {exc}")
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+    """A uint8 IDX file (the MNIST family's format) as a C-contiguous array, checked as
+    torchvision's ``read_image_file`` / ``read_label_file`` check it: magic 0x0000 0x08
+    (unsigned byte) and ``ndim`` big-endian uint32 sizes, then exactly their product of
+    bytes. Raises ValueError on anything else."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+        if len(head) < 4 or head[:2] != b"\0\0" or not 8 <= head[2] <= 14:
+            raise ValueError(f"{path}: not an IDX file (magic {head.hex()})")
+        if head[2] != 8 or head[3] != ndim:
+            raise ValueError(f"{path}: an IDX file of type {head[2]} with {head[3]} "
+                             f"dimension(s), expected type 8 (uint8) with {ndim}")
+        dims = fh.read(4 * ndim)
+        if len(dims) != 4 * ndim:
+            raise ValueError(f"{path}: truncated header")
+        shape = tuple(int(v) for v in np.frombuffer(dims, dtype=">u4"))
+        count = int(np.prod(shape, dtype=np.int64))
+        if size - 4 - 4 * ndim != count:
+            raise ValueError(f"{path}: {size - 4 - 4 * ndim} data bytes, expected {count} "
+                             f"for shape {shape}")
+        x = np.fromfile(fh, dtype=np.uint8, count=count)
+    if x.size != count:  # the file changed under us
+        raise ValueError(f"{path}: {x.size} data bytes read, expected {count}")
+    return x.reshape(shape)
+
+
+def file_md5(path: str) -> str:
+    """md5 of a file (the hex digest torchvision's ``check_integrity`` compares)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_cifar_batches(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Pickled CIFAR batches (python version) as (N, 3, 32, 32) uint8 images and int64
+    labels (``labels``, or CIFAR-100's ``fine_labels``), in file order: torchvision's
+    ``CIFAR10`` arrays, without its channels-last transpose."""
+    xs, ys = [], []
+    for path in paths:
+        with open(path, "rb") as fh:
+            entry = pickle.load(fh, encoding="latin1")
+        xs.append(np.asarray(entry["data"], dtype=np.uint8))
+        ys.append(np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"],
+                             dtype=np.int64))
+    return np.vstack(xs).reshape(-1, 3, 32, 32), np.concatenate(ys)
 
 
 def _checked(x: np.ndarray, y: np.ndarray, info: DatasetInfo, folder: str,
@@ -306,8 +410,6 @@ def _checked(x: np.ndarray, y: np.ndarray, info: DatasetInfo, folder: str,
 def _load_idx(cfg: DataConfig, info: DatasetInfo, cls_name: str, split: str | None = None
               ) -> LoadedData:
     """The MNIST family: IDX files in ``<root>/<cls_name>/raw/``."""
-    import torchvision  # only rank 0 loads datasets; client ranks never import this
-
     root = data_root(cfg)
     folder = os.path.join(root, cls_name, "raw")
     kwargs = {}
@@ -318,48 +420,48 @@ def _load_idx(cfg: DataConfig, info: DatasetInfo, cls_name: str, split: str | No
         files = tuple(f"emnist-{split}-{s}-{kind}-ubyte" for s in ("train", "test")
                       for kind in ("images-idx3", "labels-idx1"))
     _require_files(cfg, folder, files, cls_name)
-    cls = getattr(torchvision.datasets, cls_name)
+    if cfg.download and _missing(folder, files):
+        _download(cls_name, root, folder, files, **kwargs)
     out = []
-    for train in (True, False):
-        ds = _torchvision_split(cls, root, train, cfg.download, folder, files, **kwargs)
-        x = np.asarray(ds.data)[:, None]
-        y = np.asarray(ds.targets, dtype=np.int64)
+    for i, name in enumerate(("train", "test")):
+        try:
+            x = read_idx(os.path.join(folder, files[2 * i]), 3)[:, None]
+            y = read_idx(os.path.join(folder, files[2 * i + 1]), 1).astype(np.int64)
+        except (OSError, ValueError) as exc:
+            raise _unreadable(cls_name, folder, files, exc) from None
         if split == "letters":
-            y = y - 1  # torchvision keeps the files' labels 1..26 (class 0 is "N/A")
-        out.append(_checked(x, y, info, folder, "train" if train else "test"))
+            y = y - 1  # the files' labels are 1..26 (torchvision's class 0 is "N/A")
+        out.append(_checked(x, y, info, folder, name))
     return LoadedData(info, out[0], out[1])
 
 
 def _load_cifar(cfg: DataConfig, info: DatasetInfo, cls_name: str) -> LoadedData:
-    """CIFAR-10/100: pickled batches, read by torchvision, stored channels first."""
-    import torchvision  # only rank 0 loads datasets; client ranks never import this
-    from torchvision.datasets.utils import check_integrity
-
-    base = getattr(torchvision.datasets, cls_name)
+    """CIFAR-10/100: pickled batches in ``<root>/<base folder>/``, stored channels first."""
+    spec = CIFAR_FILES[cls_name]
     root = data_root(cfg)
-    folder = os.path.join(root, base.base_folder)
-    entries = [*base.train_list, *base.test_list, [base.meta["filename"], base.meta["md5"]]]
-    files = tuple(f for f, _ in entries)
+    folder = os.path.join(root, spec.folder)
+    files = tuple(f for f, _ in spec.entries)
     _require_files(cfg, folder, files, cls_name)
-    cls = base
-    if not cfg.check_md5:  # torchvision's loading code, minus its checksum test
-        cls = type(cls_name, (base,), {
-            "train_list": [[f, None] for f, _ in base.train_list],
-            "test_list": [[f, None] for f, _ in base.test_list],
-            "meta": {**base.meta, "md5": None}})
-    elif not cfg.download:
-        bad = [f for f, md5 in entries if not check_integrity(os.path.join(folder, f), md5)]
-        if bad:
-            raise DataError(f"{cls_name} files under {os.path.abspath(folder)} differ from "
-                            f"the official archive (md5 mismatch: {', '.join(bad)}); replace "
-                            "them, or set data.check_md5 = false to accept re-packed files")
+
+    def mismatched() -> list[str]:
+        return [f for f, md5 in spec.entries if not os.path.isfile(os.path.join(folder, f))
+                or file_md5(os.path.join(folder, f)) != md5] if cfg.check_md5 else []
+
+    bad = mismatched()
+    if cfg.download and (bad or _missing(folder, files)):
+        _download(cls_name, root, folder, files)
+        bad = mismatched()
+    if bad:
+        raise DataError(f"{cls_name} files under {os.path.abspath(folder)} differ from "
+                        f"the official archive (md5 mismatch: {', '.join(bad)}); replace "
+                        "them, or set data.check_md5 = false to accept re-packed files")
     out = []
-    for train in (True, False):
-        ds = _torchvision_split(cls, root, train, cfg.download, folder, files)
-        x = np.ascontiguousarray(np.asarray(ds.data).transpose(0, 3, 1, 2))  # NHWC -> NCHW
-        y = np.asarray(ds.targets, dtype=np.int64)
-        del ds
-        out.append(_checked(x, y, info, folder, "train" if train else "test"))
+    for name, entries in (("train", spec.train), ("test", spec.test)):
+        try:
+            x, y = read_cifar_batches([os.path.join(folder, f) for f, _ in entries])
+        except Exception as exc:  # unpickling raises anything: corrupt or foreign files
+            raise _unreadable(cls_name, folder, files, exc) from None
+        out.append(_checked(x, y, info, folder, name))
     return LoadedData(info, out[0], out[1])
 
 

@@ -68,6 +68,48 @@ def test_emnist_splits_and_class_counts(tmp_path, split, classes):
     assert loaded.train.y.min() == 0 and loaded.train.y.max() == classes - 1
 
 
+TORCHVISION = {"mnist": ("MNIST", {}), "fmnist": ("FashionMNIST", {}),
+               "emnist": ("EMNIST", {"split": "byclass"}), "cifar10": ("CIFAR10", {}),
+               "cifar100": ("CIFAR100", {})}
+
+
+@pytest.mark.parametrize("dataset", list(TORCHVISION))
+def test_own_readers_give_torchvision_arrays(gen, dataset):
+    """fedmpi reads the files itself (no torchvision import on rank 0): the same arrays as
+    torchvision's datasets, channels first."""
+    import torchvision
+
+    root, _ = gen
+    name, kwargs = TORCHVISION[dataset]
+    loaded = data.load(cfg_for(root, dataset))
+    cls = getattr(torchvision.datasets, name)
+    if dataset.startswith("cifar"):  # generated files: torchvision's loader minus its md5s
+        cls = type(name, (cls,), {"train_list": [[f, None] for f, _ in cls.train_list],
+                                  "test_list": [[f, None] for f, _ in cls.test_list],
+                                  "meta": {**cls.meta, "md5": None}})
+    for split, train in (("train", True), ("test", False)):
+        ref = cls(root, train=train, **kwargs)
+        x = np.asarray(ref.data)
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # CIFAR: NHWC -> NCHW
+        np.testing.assert_array_equal(getattr(loaded, split).x, x)
+        np.testing.assert_array_equal(getattr(loaded, split).y, np.asarray(ref.targets))
+
+
+def test_read_idx_rejects_what_torchvision_rejects(tmp_path):
+    path = tmp_path / "f"
+    datagen.write_idx(str(path), np.arange(24, dtype=np.uint8).reshape(2, 3, 4))
+    assert data.read_idx(str(path), 3).shape == (2, 3, 4)
+    with pytest.raises(ValueError, match="dimension"):
+        data.read_idx(str(path), 1)
+    raw = path.read_bytes()
+    for bad, what in ((raw[:-1], "data bytes"), (raw + b"\0", "data bytes"),
+                      (raw[:10], "truncated header"), (b"\1" + raw[1:], "not an IDX"),
+                      (raw[:2] + b"\x0d" + raw[3:], "type 13")):
+        path.write_bytes(bad)
+        with pytest.raises(ValueError, match=what):
+            data.read_idx(str(path), 3)
+
+
 def test_real_mnist_when_present():
     root = mnist_root()
     if root is None:
@@ -428,14 +470,40 @@ def test_augmenter_only_when_configured():
 # ---------------------------------------------------------------------------- rank roles
 
 
+#: modules a client rank must never load (each costs resident memory on every rank:
+#: torchvision ~160 MiB with its sympy / PIL / torch._dynamo imports, h5py ~10 MiB)
+HEAVY = ("torchvision", "h5py", "sympy", "PIL", "torch._dynamo", "torch._inductor", "triton",
+         "matplotlib", "scipy")
+
+
 def test_client_side_modules_do_not_import_torchvision():
     code = ("import sys\n"
             "from fedmpi import client, config, data, models, server, train\n"
             "cfg = config.load(None, ['data.dataset=cifar100', 'data.partition=iid',"
             " 'model.name=resnet18', 'data.augment=true'])\n"
             "data.info(cfg.data)\n"
-            "assert 'torchvision' not in sys.modules, 'torchvision imported'\n")
+            f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+            "assert not heavy, f'imported: {heavy}'\n")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, cwd=str(Path(REPO)), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_loading_image_files_imports_no_torchvision(gen):
+    """Rank 0 reads MNIST-family and CIFAR files without torchvision (download = false)."""
+    root, _ = gen
+    code = ("import sys\n"
+            "from fedmpi import config, data\n"
+            "for name in ('mnist', 'emnist', 'cifar10', 'cifar100'):\n"
+            f"    cfg = config.load(None, ['data.root={root}', 'data.dataset=' + name,"
+            " 'data.partition=iid', 'data.check_md5=false'] + (['model.name=convnet']"
+            " if name.startswith('cifar') else []))\n"
+            "    assert len(data.load(cfg).train) == 120\n"
+            f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+            "assert not heavy, f'imported: {heavy}'\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("FEDMPI_DATA_ROOT", None)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, cwd=str(Path(REPO)), timeout=120)
     assert proc.returncode == 0, proc.stderr
