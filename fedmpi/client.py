@@ -210,10 +210,10 @@ class ClientGroup:
         """Train and encode this group's participating clients, in client-id order.
 
         ``client.execution``: ``sequential`` trains and encodes one client at a time;
-        ``auto`` trains one at a time but encodes in chunks of ``compressor.batch_clients``
-        (1 for most compressors; 3SFC fits several clients at once); ``batched`` trains and
-        encodes all of the rank's participants together. A rank holds at most one chunk of
-        updates.
+        ``auto`` trains one at a time but encodes in chunks of at most
+        ``compressor.batch_clients`` (1 for most compressors; 3SFC fits several clients at
+        once), as equal as possible; ``batched`` trains and encodes all of the rank's
+        participants together. A rank holds at most one chunk of updates.
         """
         chosen = set(participants)
         mine = [cid for cid in self.clients if cid in chosen]
@@ -221,8 +221,10 @@ class ClientGroup:
         chunk = {"sequential": 1, "batched": len(mine)}.get(
             execution, self.compressor.batch_clients)
         results = []
-        for start in range(0, len(mine), max(1, chunk)):
-            cids = mine[start:start + max(1, chunk)]
+        pieces = -(-len(mine) // max(1, chunk))  # equal chunks: 20 clients by 16 -> 10 + 10
+        bounds = [len(mine) * i // max(1, pieces) for i in range(pieces + 1)]
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            cids = mine[start:stop]
             t0 = time.perf_counter()
             if execution == "batched":
                 trained = self.train_batched(cids, round_)

@@ -54,10 +54,9 @@ class Transport:
         self.size = self.comm.Get_size()
         self.wait_mode = wait
         self.poll_max = poll_max_ms / 1000.0
-        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_rank = node.Get_rank()
-        self.local_size = node.Get_size()
-        node.Free()
+        self.node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = self.node.Get_rank()
+        self.local_size = self.node.Get_size()
         self.client_ranks: list[int] = []  # set by set_client_ranks
         self.counters = Counters()
 
@@ -192,6 +191,10 @@ class Transport:
             self.comm.Recv([a.reshape(-1).view(np.uint8), MPI.BYTE], source=source, tag=12)
             out.append(a)
         return out
+
+    def node_allgather(self, obj) -> list:
+        """Setup-time: one object from every rank of this node, in node-rank order."""
+        return self.node.allgather(obj)
 
     def barrier(self) -> None:
         self.comm.Barrier()

@@ -46,6 +46,9 @@ class RunConfig:
     threads: int = 0  #: torch intra-op threads per rank; 0 = cores of the node / ranks on it
     mpi_wait: Literal["sleep", "block"] = "sleep"  #: how a rank waits in a collective
     mpi_poll_max_ms: float = 0.5  #: longest sleep between two polls of a pending collective
+    #: ranks of a node that compute at once (fedmpi.gate): 0 = auto (the cores / threads
+    #: per rank, only when more ranks than that share the cores), N = N slots, -1 = no gate
+    compute_slots: int = 0
     hdf5_swmr: bool = True  #: single-writer/multiple-reader mode (read while running)
     device: Literal["auto", "cpu", "cuda"] = "auto"  #: auto = cuda:(local_rank % n_gpus) if any
     #: a NaN/Inf loss, client update, decoded update or global model: stop the run (exit 3),
@@ -61,6 +64,8 @@ class RunConfig:
         _require(self.seed >= 0, "run.seed", f"must be >= 0 (got {self.seed})")
         _require(self.threads >= 0, "run.threads", f"must be >= 0 (got {self.threads})")
         _positive(self, "run", "mpi_poll_max_ms")
+        _require(self.compute_slots >= -1, "run.compute_slots",
+                 f"must be -1 (no gate), 0 (auto) or a slot count (got {self.compute_slots})")
 
 
 @dataclass(frozen=True)

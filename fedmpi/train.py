@@ -34,6 +34,7 @@ from fedmpi import checkpoint, compress, config, data, downlink, layout, metrics
 from fedmpi.client import DIVERGED, ClientGroup, Shard
 from fedmpi.comm import SERVER, Transport, finalize_and_exit
 from fedmpi.compress import ModelSpec
+from fedmpi.gate import job_key, open_gate
 from fedmpi.models import FlatModel, build_module
 from fedmpi.server import Server, sample_participants
 
@@ -132,7 +133,10 @@ def run(args: argparse.Namespace, t: Transport) -> int:
                                  f"{cfg.data.num_clients + 1} processes")
     t.set_client_ranks(ranks)
     device = layout.pick_device(cfg.run.device, t.local_rank)
-    torch.set_num_threads(layout.thread_count(cfg.run.threads, t.local_size))
+    threads = layout.thread_count(cfg.run.threads, t.local_size)
+    torch.set_num_threads(threads)
+    compute = open_gate(cfg.run.compute_slots, threads, t.bcast_object(job_key()),
+                        t.node_allgather, t.local_rank)
     info = data.info(cfg.data)
     path = on_server(t, lambda: output_path(cfg, args.overwrite, args.resume))
     saved = on_server(t, lambda: resume_state(cfg, path, device)) if args.resume else None
@@ -252,7 +256,8 @@ def run(args: argparse.Namespace, t: Transport) -> int:
                                    group.model)
             estimator.client_receive(estimator.parse(extra, rnd), rnd)
             group.time_train = group.time_encode = 0.0
-            results = group.run_round(rnd, participants)
+            with compute.slot():  # at most the node's cores worth of ranks compute at once
+                results = group.run_round(rnd, participants)
             record[:2] = group.time_train, group.time_encode
             for i, r in enumerate(results):
                 record[2 + i * SLOT:2 + (i + 1) * SLOT] = (
@@ -356,10 +361,13 @@ def run(args: argparse.Namespace, t: Transport) -> int:
 
     # 4. finish -------------------------------------------------------------------------
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    per_rank = t.gather_object((usage.ru_maxrss / 1024.0, time.process_time() - cpu0))
+    per_rank = t.gather_object((usage.ru_maxrss / 1024.0, time.process_time() - cpu0,
+                                len(compute.paths)))
+    compute.close()
     if t.is_server:
-        attrs = {"peak_rss_mb": np.asarray([r for r, _ in per_rank]),
-                 "cpu_seconds": np.asarray([c for _, c in per_rank])}
+        attrs = {"peak_rss_mb": np.asarray([r[0] for r in per_rank]),
+                 "cpu_seconds": np.asarray([r[1] for r in per_rank]),
+                 "compute_slots": np.asarray([r[2] for r in per_rank])}
         if stopped:
             attrs["stopped"] = stopped
             code = 3

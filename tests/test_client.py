@@ -150,3 +150,29 @@ def test_batched_execution_equals_sequential(extra):
 def test_batched_execution_refuses_sam():
     with pytest.raises(config.ConfigError, match="client.execution"):
         config.load(None, ["client.execution=batched", "sam.name=fedsam"])
+
+
+@pytest.mark.parametrize("clients, batch, chunks", [
+    (7, 3, [2, 2, 3]), (5, 16, [5]), (6, 2, [2, 2, 2]), (4, 1, [1, 1, 1, 1]),
+])
+def test_auto_execution_encodes_in_equal_chunks(clients, batch, chunks):
+    """auto encodes in chunks of at most compressor.batch_clients, as equal as possible
+    (20 clients by 16 are 10 + 10, not 16 + 4: a batched fit costs about the same for 4
+    problems as for 10), in client-id order."""
+    cfg = config.load(None, ["client.local_steps=1", "client.batch_size=4", "model.hidden=8",
+                             f"data.num_clients={clients}", "compressor.name='3sfc'",
+                             "compressor.s_steps=1", "compressor.max_iter=2",
+                             f"compressor.batch_clients={batch}"])
+    group = _multi_group(cfg, sizes=(9,) * clients)
+    seen = []
+    real = group.compressor.compress_many
+
+    def spy(updates, states, ctxs):
+        seen.append([c.client for c in ctxs])
+        return real(updates, states, ctxs)
+
+    group.compressor.compress_many = spy
+    results = group.run_round(0, list(range(clients)))
+    assert [len(c) for c in seen] == chunks
+    assert [c for chunk in seen for c in chunk] == list(range(clients))
+    assert [r.client for r in results] == list(range(clients))
