@@ -415,32 +415,39 @@ def match_fn(direction: Direction, w: torch.Tensor, targets: torch.Tensor,
 class _History:
     """LBFGS memory of B problems in lockstep, applied in the compact form.
 
-    Row b holds its own entries (s_i, y_i), oldest first, in slots 0..count[b]-1; the
-    slots after them are zero. ``direction`` returns -H g for the LBFGS inverse-Hessian
+    Row b keeps its last ``size`` entries (s_i, y_i) in a ring of slots: entry number n
+    (counting from 0) of row b sits in slot n mod size, whatever the other rows hold;
+    unused slots are zero. ``direction`` returns -H g for the LBFGS inverse-Hessian
     approximation H of each row's history with H0 = h_diag I, in the compact
     representation of Byrd, Nocedal and Schnabel ("Representations of quasi-Newton
     matrices and their use in limited memory methods", Math. Prog. 63, 1994, eq. 3.1):
 
         H g = h g + S q - h Y p,   p = R^-1 S^T g,   q = R^-T ((D + h Y^T Y) p - h Y^T g)
 
-    with R the upper triangle of S^T Y and D its diagonal. That is the H of
-    torch.optim.LBFGS's two-loop recursion (equal in exact arithmetic) in a fixed dozen
-    batched operations instead of four per entry and problem; the k x k algebra is
-    float64. An empty slot gets R_ii = 1, which makes its p_i and q_i exact zeros.
-    A row's entries sit at the same slots whatever the other rows hold, and the buffers
-    are padded (P to 16 floats, slots to 8), so a problem's numbers do not depend on the
-    batch it is in.
+    with the entries in age order, R the upper triangle of S^T Y and D its diagonal. That
+    is the H of torch.optim.LBFGS's two-loop recursion (equal in exact arithmetic) in a
+    fixed dozen batched operations instead of four per entry and problem: two passes over
+    the stored vectors (S^T g and Y^T g, then the combination) and k x k float64 algebra
+    on the dot products, permuted into age order. An unused slot gets R_ii = 1, which
+    makes its p_i and q_i exact zeros. Buffers are padded (P to 16 floats, slots to 8)
+    and every product is a row-vector x matrix ``bmm``, so a problem's numbers do not
+    depend on the batch it is in.
     """
 
     def __init__(self, size: int, batch: int, device: torch.device):
         self.size = size
-        self.count = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.total = torch.zeros(batch, dtype=torch.int64, device=device)  # entries added
         self.cap = 0
         self.buf: torch.Tensor | None = None  # (B, cap, 2, P'): s_i, y_i
         self.sy = self.yy = torch.zeros((batch, 0, 0), dtype=torch.float64, device=device)
 
+    @property
+    def count(self) -> torch.Tensor:
+        """Entries held per row."""
+        return torch.clamp(self.total, max=self.size)
+
     def _grow(self, p: int, dtype: torch.dtype, device: torch.device) -> None:
-        b, old = self.count.shape[0], self.cap
+        b, old = self.total.shape[0], self.cap
         cap = min(max(8, 2 * old), -(-self.size // 8) * 8)
         buf = torch.zeros((b, cap, 2, _padded(p)), dtype=dtype, device=device)
         sy = torch.zeros((b, cap, cap), dtype=torch.float64, device=device)
@@ -454,33 +461,23 @@ class _History:
     def add(self, y: torch.Tensor, s: torch.Tensor, ys: torch.Tensor,
             mask: torch.Tensor) -> None:
         b, p = y.shape
-        full = torch.nonzero(mask & (self.count == self.size)).flatten()
-        if full.numel():  # drop each full row's oldest entry: shift its slots left
-            n = self.size
-            self.buf[full, :n - 1] = self.buf[full, 1:n].clone()
-            self.buf[full, n - 1] = 0.0
-            for mat in (self.sy, self.yy):
-                mat[full, :n - 1, :n - 1] = mat[full, 1:n, 1:n].clone()
-                mat[full, n - 1] = 0.0
-                mat[full, :, n - 1] = 0.0
-            self.count[full] -= 1
         rows = torch.nonzero(mask).flatten()
         if not rows.numel():
             return
-        if int(self.count.max()) + 1 > self.cap:
+        if min(int(self.total.max()) + 1, self.size) > self.cap:
             self._grow(p, y.dtype, y.device)
-        slot = self.count[rows]
+        every = len(rows) == b
+        slot = self.total[rows] % self.size  # a full row overwrites its oldest entry
         self.buf[rows, slot, 0, :p] = s[rows]
         self.buf[rows, slot, 1, :p] = y[rows]
-        self.count[rows] += 1
+        self.total[rows] += 1
         k = min(-(-int(self.count.max()) // 8) * 8, self.cap)
-        every = len(rows) == b
         hist = (self.buf[:, :k] if every else self.buf[rows, :k]).reshape(len(rows), 2 * k, -1)
         new = self.buf[rows, slot]  # (R, 2, P'): s_new, y_new
         # one pass over the history; row-vector x matrix products (as everywhere here):
         # bmm's matrix x column-vector kernels round differently for different batch sizes
         dots = torch.bmm(new, hist.transpose(1, 2)).double().view(len(rows), 2, k, 2)
-        # dots[r, a, i, c] = new_a . hist_(i, c), a and c: 0 = s, 1 = y
+        # dots[r, a, i, c] = new_a . slot i's (s, y)[c]; a, c: 0 = s, 1 = y
         self.sy[rows, :k, slot] = dots[:, 1, :, 0]  # s_i . y_new
         self.sy[rows, slot, :k] = dots[:, 0, :, 1]  # y_i . s_new (s_new . y_new twice)
         self.yy[rows, :k, slot] = dots[:, 1, :, 1]  # y_i . y_new
@@ -489,25 +486,37 @@ class _History:
     def direction(self, g: torch.Tensor, h_diag: torch.Tensor) -> torch.Tensor:
         """-H g per row, H from that row's history (see the class docstring)."""
         b, p = g.shape
-        top = int(self.count.max())
+        count = self.count
+        top = int(count.max())
         if top == 0:
             return -(g * h_diag[:, None])
-        k = min(-(-top // 8) * 8, self.cap)  # slots in play (padded; empty ones drop out)
+        k = min(-(-top // 8) * 8, self.cap)  # slots in play (padded; unused ones drop out)
         hist = self.buf[:, :k].reshape(b, 2 * k, -1)
         gp = g.new_zeros((b, 1, hist.shape[2]))
         gp[:, 0, :p] = g
-        sg, yg = torch.bmm(gp, hist.transpose(1, 2)).double().view(b, k, 2).unbind(2)
+        dots = torch.bmm(gp, hist.transpose(1, 2)).double().view(b, k, 2)  # first pass
+        # age order: position j of row b is slot (oldest + j) mod size, then unused slots
+        ar = torch.arange(k, device=g.device)
+        oldest = (self.total - count) % self.size
+        age = torch.where(ar[None, :] < count[:, None], (oldest[:, None] + ar) % self.size,
+                          ar[None, :])
+        sg = dots[:, :, 0].gather(1, age)
+        yg = dots[:, :, 1].gather(1, age)
+        rows_of = age[:, :, None].expand(-1, -1, k)
+        cols_of = age[:, None, :].expand(-1, k, -1)
+        sy = self.sy[:, :k, :k].gather(1, rows_of).gather(2, cols_of)
+        yy = self.yy[:, :k, :k].gather(1, rows_of).gather(2, cols_of)
+        used = ar[None, :] < count[:, None]
         h = h_diag.double()[:, None]
-        sy = self.sy[:, :k, :k]
-        used = torch.arange(k, device=g.device)[None, :] < self.count[:, None]
         r = torch.triu(sy) + torch.diag_embed((~used).double())
-        pv = torch.linalg.solve_triangular(r, sg[..., None], upper=True)
-        ypv = torch.bmm(pv.transpose(1, 2), self.yy[:, :k, :k])[:, 0, :, None]  # YY symmetric
-        rhs = torch.diagonal(sy, dim1=1, dim2=2)[..., None] * pv + h[..., None] * (
-            ypv - yg[..., None])
-        qv = torch.linalg.solve_triangular(r.transpose(1, 2), rhs, upper=False)
-        coef = torch.stack([qv[..., 0], -h * pv[..., 0]], 2).to(g.dtype)  # (B, k, 2)
-        hg = torch.bmm(coef.view(b, 1, 2 * k), hist)[:, 0, :p]  # second pass
+        pv = torch.linalg.solve_triangular(r, sg[..., None], upper=True)[..., 0]
+        ypv = torch.bmm(pv[:, None, :], yy)[:, 0]  # YY is symmetric
+        rhs = torch.diagonal(sy, dim1=1, dim2=2) * pv + h * (ypv - yg)
+        qv = torch.linalg.solve_triangular(r.transpose(1, 2), rhs[..., None], upper=False)
+        coef = torch.zeros((b, k, 2), dtype=torch.float64, device=g.device)
+        coef.scatter_(1, age[..., None].expand(-1, -1, 2),
+                      torch.stack([qv[..., 0], -h * pv], 2))  # back to slot order
+        hg = torch.bmm(coef.to(g.dtype).view(b, 1, 2 * k), hist)[:, 0, :p]  # second pass
         return -(h_diag[:, None] * g + hg)
 
 
