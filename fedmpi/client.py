@@ -103,6 +103,7 @@ class ClientGroup:
         self.global_params = torch.zeros_like(model.params)
         self.time_train = 0.0
         self.time_encode = 0.0
+        self.pool = None  # a fedmpi.fitpool.FitPool when this rank's fits are pooled
 
     @property
     def clients(self) -> list[int]:
@@ -220,6 +221,8 @@ class ClientGroup:
         execution = self.cfg.client.execution
         chunk = {"sequential": 1, "batched": len(mine)}.get(
             execution, self.compressor.batch_clients)
+        if self.pool is not None:  # pooled fits: one encode call per round (fedmpi.fitpool)
+            chunk = len(mine)
         results = []
         pieces = -(-len(mine) // max(1, chunk))  # equal chunks: 20 clients by 16 -> 10 + 10
         bounds = [len(mine) * i // max(1, pieces) for i in range(pieces + 1)]
@@ -251,5 +254,9 @@ class ClientGroup:
                 results.append(ClientResult(cid, payload, loss, cosine(decoded, target),
                                             len(self.shards[cid]), steps))
             self.time_train += t1 - t0
+            self.time_encode += time.perf_counter() - t1
+        if self.pool is not None and self.pool.joined != round_:  # no client of ours
+            t1 = time.perf_counter()  # encoded this round: join the pool with nothing
+            self.pool.join_empty(round_)
             self.time_encode += time.perf_counter() - t1
         return results

@@ -196,6 +196,11 @@ class Transport:
         """Setup-time: one object from every rank of this node, in node-rank order."""
         return self.node.allgather(obj)
 
+    def node_pool(self, color: int, key: int) -> NodePool:
+        """Setup-time, every rank of this node: the ranks of this node with the same
+        ``color`` as one :class:`NodePool` (ordered by ``key``; member 0 leads)."""
+        return NodePool(self.node.Split(color, key), self)
+
     def barrier(self) -> None:
         self.comm.Barrier()
 
@@ -203,6 +208,58 @@ class Transport:
         sys.stdout.flush()
         sys.stderr.flush()
         self.comm.Abort(code)
+
+
+class NodePool:
+    """A few ranks of one node that send work to their first member and get results back
+    (:mod:`fedmpi.fitpool`): nonblocking collectives on their own communicator, waited on
+    like the round's (sleep-polling), so a member that waits for the leader sleeps."""
+
+    def __init__(self, comm: MPI.Comm, transport: Transport):
+        self.comm = comm
+        self.t = transport
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def _run(self, req: MPI.Request) -> None:
+        self.t._timed(lambda: self.t._wait(req))
+
+    def gather(self, count: int, send: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Every member's ``count`` and float32 ``send``; the leader gets (counts,
+        concatenated sends in member order), the others None."""
+        assert send.dtype == np.float32
+        table = np.zeros((self.size, 2), dtype=np.int64) if self.leader else None
+        mine = np.asarray([count, send.size], dtype=np.int64)
+        self._run(self.comm.Igather([mine, MPI.INT64_T], [table, MPI.INT64_T]
+                                    if self.leader else None, root=0))
+        counts, sizes = (table[:, 0].copy(), table[:, 1].copy()) if self.leader else (None, None)
+        recv = None
+        if self.leader:
+            displs = np.zeros_like(sizes)
+            np.cumsum(sizes[:-1], out=displs[1:])
+            recv = np.empty(int(sizes.sum()), dtype=np.float32)
+            spec = [recv, (sizes, displs), MPI.FLOAT]
+        else:
+            spec = None
+        self._run(self.comm.Igatherv([send, MPI.FLOAT], spec, root=0))
+        return (counts, recv) if self.leader else None
+
+    def scatter(self, parts: list[np.ndarray] | None, size: int) -> np.ndarray:
+        """The leader's float64 ``parts[i]`` to member i; ``size`` floats arrive here."""
+        out = np.empty(size, dtype=np.float64)
+        spec = None
+        if self.leader:
+            sizes = np.asarray([p.size for p in parts], dtype=np.int64)
+            displs = np.zeros_like(sizes)
+            np.cumsum(sizes[:-1], out=displs[1:])
+            flat = (np.concatenate(parts) if parts else np.empty(0)).astype(np.float64)
+            spec = [flat, (sizes, displs), MPI.DOUBLE]
+        self._run(self.comm.Iscatterv(spec, [out, MPI.DOUBLE], root=0))
+        return out
 
 
 def finalize_and_exit(code: int) -> None:

@@ -49,6 +49,9 @@ class RunConfig:
     #: ranks of a node that compute at once (fedmpi.gate): 0 = auto (the cores / threads
     #: per rank, only when more ranks than that share the cores), N = N slots, -1 = no gate
     compute_slots: int = 0
+    #: with the compute gate on, the client ranks behind one slot send their 3SFC /
+    #: FedSynth fits to one of them, which fits them in one batch (fedmpi.fitpool)
+    pool_fits: bool = True
     hdf5_swmr: bool = True  #: single-writer/multiple-reader mode (read while running)
     device: Literal["auto", "cpu", "cuda"] = "auto"  #: auto = cuda:(local_rank % n_gpus) if any
     #: a NaN/Inf loss, client update, decoded update or global model: stop the run (exit 3),

@@ -34,6 +34,7 @@ from fedmpi import checkpoint, compress, config, data, downlink, layout, metrics
 from fedmpi.client import DIVERGED, ClientGroup, Shard
 from fedmpi.comm import SERVER, Transport, finalize_and_exit
 from fedmpi.compress import ModelSpec
+from fedmpi.fitpool import open_pool, pooled
 from fedmpi.gate import job_key, open_gate
 from fedmpi.models import FlatModel, build_module
 from fedmpi.server import Server, sample_participants
@@ -179,6 +180,9 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         group = ClientGroup(cfg, shards, new_model() if t.is_server else model, compressor,
                             spec, normalizer, estimator)
         group.set_global(model.params)
+    # oversubscribed node: the ranks behind one compute slot fit 3SFC samples together
+    pool = open_pool(t, cfg.run.pool_fits and pooled(compressor), compute, compressor, group,
+                     compressor.batch_clients)
     if first:  # resume: server state on rank 0, client states to their (new) owners
         restore_run(t, saved, owners, model, down_link, estimator, group)
 
@@ -362,12 +366,15 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     # 4. finish -------------------------------------------------------------------------
     usage = resource.getrusage(resource.RUSAGE_SELF)
     per_rank = t.gather_object((usage.ru_maxrss / 1024.0, time.process_time() - cpu0,
-                                len(compute.paths)))
+                                len(compute.paths), pool.size if pool else 0,
+                                pool.fitted if pool else 0))
     compute.close()
     if t.is_server:
         attrs = {"peak_rss_mb": np.asarray([r[0] for r in per_rank]),
                  "cpu_seconds": np.asarray([r[1] for r in per_rank]),
-                 "compute_slots": np.asarray([r[2] for r in per_rank])}
+                 "compute_slots": np.asarray([r[2] for r in per_rank]),
+                 "fit_pool_size": np.asarray([r[3] for r in per_rank]),
+                 "fit_pool_fitted": np.asarray([r[4] for r in per_rank])}
         if stopped:
             attrs["stopped"] = stopped
             code = 3

@@ -172,7 +172,30 @@ class SFC3(Compressor):
     def encode(self, update: torch.Tensor, state: Any, ctx: Context) -> tuple[Payload, Any]:
         return self.encode_many([update], [state], [ctx])[0]
 
+    def attach_pool(self, pool: Any, model: Any, global_params: torch.Tensor) -> None:
+        """Fit through ``pool`` (:class:`fedmpi.fitpool.FitPool`): this rank's problems go
+        to the pool's leader once per round; as leader, fit the pool's problems at
+        ``global_params`` (this rank's w^t, updated in place every round) with ``model``."""
+        direction = self.direction(model)
+
+        def solver(targets, x0, y0):
+            return synth.fit(direction, global_params, targets, x0, y0, self.options,
+                             mode=self.cfg.eval_mode)
+
+        pool.bind(solver, self.spec.d, direction.x_shape, direction.y_shape)
+        self.pool = pool
+
+    pool: Any = None  #: a FitPool once attached (fedmpi.fitpool)
+
     def encode_many(self, updates, states, ctxs):
+        if self.pool is not None:  # one pooled fit per call: every client shares w^t
+            if any(c.global_params is not ctxs[0].global_params or c.model is not ctxs[0].model
+                   for c in ctxs):
+                raise RuntimeError("a pooled 3SFC fit needs every client at the same w^t")
+            if not ctxs:  # the client group joins the round's pool with nothing itself
+                return []
+            return [(p, s) for p, s in zip(self._encode_run(updates, ctxs), states,
+                                           strict=True)]
         out: list[tuple[Payload, Any]] = []
         start = 0
         while start < len(ctxs):  # runs of clients that share w^t and the model
@@ -193,9 +216,13 @@ class SFC3(Compressor):
         starts = [synth.init_xy(c.torch_generator(self.tag), direction.x_shape,
                                 direction.y_shape, w.device) for c in ctxs]
         targets = torch.stack([u.detach().to(torch.float32) for u in updates])
-        fit = synth.fit(direction, w, targets, torch.stack([x for x, _ in starts]),
-                        torch.stack([y for _, y in starts]), self.options,
-                        mode=self.cfg.eval_mode)
+        x0 = torch.stack([x for x, _ in starts])
+        y0 = torch.stack([y for _, y in starts])
+        if self.pool is not None:
+            fit = self.pool.fit(ctx0.round, targets, x0, y0)
+        else:
+            fit = synth.fit(direction, w, targets, x0, y0, self.options,
+                            mode=self.cfg.eval_mode)
         payloads = []
         for x, y, u in zip(fit.x, fit.y, updates, strict=True):
             fields = {"x": x.detach().to(torch.float32).cpu().numpy().reshape(-1).copy(),
