@@ -46,6 +46,12 @@ class Counters:
     per_rank_uplink: list[int] = field(default_factory=list)
 
 
+#: a long wait's polls back off to this share of the time waited so far ...
+LONG_WAIT_SHARE = 0.005
+#: ... but never to more than this many seconds between two polls
+LONG_WAIT_MAX = 0.01
+
+
 class Transport:
     def __init__(self, comm: MPI.Comm | None = None, wait: str = "sleep",
                  poll_max_ms: float = 0.5):
@@ -77,9 +83,16 @@ class Transport:
             req.Wait()
             return
         delay = 2e-5
+        start = time.perf_counter()
         while not req.Test():
             time.sleep(delay)
-            delay = min(delay * 2.0, self.poll_max)
+            # back off to poll_max; a long wait (a fit pool's members waiting for the
+            # others to train) backs off further, to LONG_WAIT_SHARE of the time waited so
+            # far and at most LONG_WAIT_MAX, so forty waiting ranks do not wake thousands
+            # of times a second while two compute; the added latency stays <= 0.5%
+            waited = time.perf_counter() - start
+            delay = min(delay * 2.0, max(self.poll_max, min(LONG_WAIT_MAX,
+                                                              LONG_WAIT_SHARE * waited)))
 
     def _timed(self, fn: Callable[[], None]) -> None:
         t0 = time.perf_counter()

@@ -28,13 +28,20 @@ Two implementations of the same fit:
 * :func:`fit` solves B independent problems (one per client, each with its own target and
   start) at once. :func:`lbfgs` runs B LBFGS instances in lockstep, each with its own
   history, step sizes and stopping tests (a problem that stops waits; its rows are never
-  touched); per problem it is exactly ``torch.optim.LBFGS``'s algorithm (no line search).
-  The objectives are evaluated either all in one ``torch.func`` call (``functional_call``
-  + ``grad`` + ``vmap``: ``mode = "vmap"``, the fast choice on a GPU) or one problem
-  after another with autograd (``"loop"``: faster on a CPU, where one problem's d-sized
-  intermediates stay in cache; and a problem's result is then bit-identical whatever the
-  batch it is in). The result equals :func:`fit_sequential` up to floating-point rounding
-  (LBFGS without line search amplifies rounding over many iterations).
+  touched); per problem it is ``torch.optim.LBFGS``'s algorithm (no line search), with
+  the two-loop recursion replaced by the equal compact form of the inverse Hessian
+  (:class:`_History`: a dozen batched operations per iteration instead of four per
+  history entry). The objectives are evaluated in one of three ways (``mode``):
+  ``factored`` for chains of dense layers (:class:`Layers`: the cosine's inner product
+  and norm from per-layer factors, never forming the d-sized gradient, all problems in
+  one batched call; ``auto`` picks it for 3SFC's MLP / logreg), ``vmap`` (one
+  ``torch.func`` call for all problems: ``functional_call`` + ``grad`` + ``vmap``, the
+  choice on a GPU for other models) or ``loop`` (one problem after another with autograd:
+  faster on a CPU for other models, where one problem's d-sized intermediates stay in
+  cache). ``loop`` and ``factored`` give a problem bit-identical results whatever batch
+  it is in (tested), so runs do not depend on how clients are spread over ranks. The
+  result equals :func:`fit_sequential` up to floating-point rounding (LBFGS without line
+  search amplifies rounding over many iterations).
 * :func:`fit_sequential` is the reference: one ``torch.optim.LBFGS`` per problem with an
   autograd closure, as the official code does.
 

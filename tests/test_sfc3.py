@@ -436,7 +436,8 @@ def test_bench_prints_the_phase_table_and_the_fit_comparison(capsys):
     out = capsys.readouterr().out
     row = next(line.split() for line in out.splitlines() if line.startswith(" -n 1"))
     assert len(row) == 13 and row[10] == "250.6"  # ranks, round, 5 phases, ..., ratio
-    for method in ("sequential", "batched lockstep LBFGS, loop", "batched lockstep LBFGS, vmap"):
+    for method in ("sequential", "batched lockstep LBFGS, loop", "batched lockstep LBFGS, vmap",
+                   "batched lockstep LBFGS, factored"):
         assert method in out
     assert bench.main(["--data-root", "/nonexistent"]) == 2
 

@@ -61,6 +61,41 @@ def test_gatherv_uneven_counts(wait):
         assert got is None
 
 
+class SlowRequest:
+    """A request that completes ``after`` seconds from now; counts its polls."""
+
+    def __init__(self, after: float):
+        import time
+
+        self.clock = time.perf_counter
+        self.ready = self.clock() + after
+        self.polls = 0
+
+    def Test(self) -> bool:  # noqa: N802 - the mpi4py name
+        self.polls += 1
+        return self.clock() >= self.ready
+
+
+@pytest.mark.mpi
+def test_long_waits_poll_rarely_and_return_promptly():
+    """A 1.2 s wait polls far less than every poll_max (0.5 ms: ~2,400 polls; ~700 with
+    the long-wait back-off to 0.5% of the time waited); it still returns within ~10 ms."""
+    import time
+
+    from fedmpi.comm import LONG_WAIT_MAX
+
+    t = transport()
+    req = SlowRequest(1.2)
+    t._wait(req)
+    late = time.perf_counter() - req.ready
+    assert 0 <= late < LONG_WAIT_MAX + 0.01
+    assert req.polls < 1000
+    short = SlowRequest(0.02)  # a short wait keeps polling at poll_max
+    t._wait(short)
+    assert short.polls >= 15
+    assert t.agree(True)
+
+
 @pytest.mark.mpi
 def test_wrong_count_is_refused_before_the_collective():
     t = transport()

@@ -6,10 +6,11 @@ Part 1 runs MNIST + MLP (d = 199,210) with 10 clients through ``fedmpi.train`` a
 ``--ranks`` (default -n 1 and -n 3) and prints seconds per round split into train /
 encode / communicate / decode / evaluate, read from the HDF5 ``time_*`` columns (round 0
 is left out as warm-up when there are more rounds), and encode / train. Part 2 fits the
-same 10 clients' real updates three ways in one process, side by side: one
-``torch.optim.LBFGS`` per client (the official loop), the lockstep batched LBFGS
-evaluating clients one by one (``loop``) and in one ``torch.func.vmap`` call (``vmap``),
-with the mean cosine each reaches.
+same 10 clients' real updates four ways in one process, side by side: one
+``torch.optim.LBFGS`` per client (the official loop), the lockstep batched LBFGS with the
+factored objective of a dense chain (``factored``: no d-sized gradient formed, all
+clients in one call), evaluating clients one by one (``loop``) and in one
+``torch.func.vmap`` call (``vmap``), with the mean cosine each reaches.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def time_fits(a: argparse.Namespace) -> None:
     opts = synth.FitOptions(steps=a.s_steps)
     ways = {"sequential (torch LBFGS per client)": lambda: synth.fit_sequential(
         direction, w, targets, x0, y0, opts)}
-    for mode in ("loop", "vmap"):
+    for mode in ("factored", "loop", "vmap"):
         ways[f"batched lockstep LBFGS, {mode}"] = (
             lambda mode=mode: synth.fit(direction, w, targets, x0, y0, opts, mode=mode))
     print(f"\nfitting {a.clients} clients' synthetic samples (MNIST MLP, M = 1, "
