@@ -131,6 +131,21 @@ def test_normalisation():
     assert x.dtype == torch.uint8  # the shard itself is never modified
 
 
+def test_normalisation_never_touches_a_float32_shard():
+    """float32 storage (synthetic) comes back from ``to`` as itself: no in-place work on it;
+    a converted copy may be worked on in place, to the same bits as out of place."""
+    info = data.DatasetInfo("f", (3, 2, 2), 4, 0.5, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    norm = data.Normalizer(info)
+    x = torch.linspace(-1, 1, 24).reshape(2, 3, 2, 2)
+    keep = x.clone()
+    mean, std = norm.mean, norm.std
+    assert torch.equal(norm(x), (x * 0.5 - mean) / std) and torch.equal(x, keep)
+    assert torch.equal(data.Normalizer(dataclasses.replace(info, scale=1.0))(x),
+                       (x - mean) / std) and torch.equal(x, keep)
+    u = torch.arange(24, dtype=torch.uint8).reshape(2, 3, 2, 2)
+    assert torch.equal(norm(u), (u.float() * 0.5 - mean) / std)
+
+
 def test_env_root_wins(gen, monkeypatch):
     root, _ = gen
     monkeypatch.setenv("FEDMPI_DATA_ROOT", root)
