@@ -133,7 +133,9 @@ def results(**over) -> perf.Results:
                  perf.Layout(2, True, stats=stats(2.5, 2.0, 0.3, 0.05, 0.05))],
         per_sample_flops=397_600, bare=perf.BareStats(bare_seconds, 1000, 16),
         scaling_clients=40, small=perf.Layout(3, stats=stats(3.0)),
-        big=perf.Layout(41, stats=stats(3.6, rss=[13_000 / 41] * 41)),
+        big=perf.Layout(41, stats=dataclasses.replace(
+            stats(3.6, 1.0, 2.0, rss=[13_000 / 41] * 41), compute_slots=[2] * 41,
+            fit_pool_size=[0] + [20] * 40)),
         bare_torch_mb=300.0, settings=["data.dataset=mnist"])
     return perf.Results(**{**base, **over})
 
@@ -157,6 +159,10 @@ def test_table_prints_every_line_with_its_ratio():
     assert re.search(r"per rank-thread\s+71\.6 GFLOP/s", out)
     assert "training efficiency vs bare loop: 71.6%   (target >= 80%: NOT met)" in out
     assert "-n 41 / -n 3: 1.20x   (target <= 1.3x: met)" in out
+    assert re.search(r"fedmpi -n 41\s+3\.60 s   train 1\.00, encode 2\.00; gate 2 slot\(s\), "
+                     r"fit pools of 20", out)
+    assert re.search(r"fedmpi -n 3\s+3\.00 s   train 0\.00, encode 0\.00; no gate$", out,
+                     re.MULTILINE)
     assert re.search(r"summed over the 41 ranks\s+13,000", out)
     assert re.search(r"41 x bare `python -c \"import torch\"` \(300\)\s+12,300", out)
     assert re.search(r"budget: 41 x bare \+ 1 GiB\s+13,324\s+met", out)

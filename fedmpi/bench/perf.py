@@ -181,6 +181,8 @@ class RunStats:
     samples: int  #: training samples per round
     peak_rss_mb: list[float] = field(default_factory=list)
     test_acc: list[float] = field(default_factory=list)  #: after every round (0, 1, ...)
+    compute_slots: list[int] = field(default_factory=list)  #: per rank (fedmpi.gate)
+    fit_pool_size: list[int] = field(default_factory=list)  #: per rank (fedmpi.fitpool)
 
     def acc_after(self, rounds: int) -> float:
         """Test accuracy after ``rounds`` rounds (NaN if the run was shorter)."""
@@ -207,7 +209,9 @@ def run_stats(run: metrics.Run) -> RunStats:
     return RunStats(len(range(n)[rows]), mean["time_round"], mean["time_train"],
                     mean["time_encode"], mean["time_decode"], mean["time_eval"],
                     samples_per_round(sizes, cfg.client), rss,
-                    [float(a) for a in r["test_acc"]])
+                    [float(a) for a in r["test_acc"]],
+                    [int(v) for v in np.atleast_1d(run.attrs.get("compute_slots", []))],
+                    [int(v) for v in np.atleast_1d(run.attrs.get("fit_pool_size", []))])
 
 
 @dataclass
@@ -447,8 +451,14 @@ def render(res: Results) -> str:
     ratio = big.seconds / small.seconds
     lines.append(f"3. seconds per round, the same job with {res.scaling_clients} clients "
                  f"(mean of {big.rounds} round(s) after warm-up)")
-    lines.append(_row(f"fedmpi {res.small.label}", f"{small.seconds:.2f} s"))
-    lines.append(_row(f"fedmpi {res.big.label}", f"{big.seconds:.2f} s"))
+    for lay in (res.small, res.big):
+        ls = lay.stats
+        slots = max(ls.compute_slots, default=0)
+        pools = sorted({p for p in ls.fit_pool_size if p})
+        how = (f"gate {slots} slot(s)" if slots else "no gate") + (
+            f", fit pools of {'/'.join(map(str, pools))}" if pools else "")
+        lines.append(_row(f"fedmpi {lay.label}", f"{ls.seconds:.2f} s",
+                          f"train {ls.train:.2f}, encode {ls.encode:.2f}; {how}"))
     lines.append(f"   {res.big.label} / {res.small.label}: {ratio:.2f}x   (target <= "
                  f"{TARGET_SCALING}x: {_verdict(ratio <= TARGET_SCALING)})")
 
