@@ -217,6 +217,13 @@ class Transport:
     def barrier(self) -> None:
         self.comm.Barrier()
 
+    def quiet_barrier(self) -> None:
+        """A barrier whose waiting ranks sleep (nonblocking, polled like the round's
+        collectives): used before the blocking end-of-run collectives, so that ranks that
+        finished their last round do not spin while rank 0 decodes and evaluates it."""
+        if self.size > 1:
+            self._timed(lambda: self._wait(self.comm.Ibarrier()))
+
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()

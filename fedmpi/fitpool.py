@@ -134,7 +134,10 @@ def open_pool(t, enabled: bool, gate: Gate, compressor, group, batch: int) -> Fi
 
     ``enabled``: ``run.pool_fits`` and a compressor that fits (3sfc, fedsynth). The
     members are the client ranks of this node behind one gate; its slots split them into
-    pools (member i of the gate's client ranks into pool i mod slots)."""
+    pools (member i of the gate's client ranks into pool i mod slots), and each pool's
+    ranks use only their own slot (:meth:`fedmpi.gate.Gate.pin`): a slot trains its
+    pool's clients one rank after another and then runs the leader's fit, the schedule
+    of one rank that owns all of them."""
     if not enabled:
         return None
     is_client = group is not None
@@ -142,13 +145,14 @@ def open_pool(t, enabled: bool, gate: Gate, compressor, group, batch: int) -> Fi
     members = [r for r, (m, on) in enumerate(info) if on and m == gate.mask]
     if t.local_rank in members:
         first = next(r for r, (m, _) in enumerate(info) if m == gate.mask)
-        index = members.index(t.local_rank)
-        color = first * len(info) + index % len(gate.paths)
+        slot = members.index(t.local_rank) % len(gate.paths)
+        color = first * len(info) + slot
     else:
         color = len(info) ** 2 + t.local_rank  # alone
     link = t.node_pool(color, t.local_rank)
     if link.size < 2:
         return None
+    gate.pin(slot)  # a pool's members and its leader's fit take turns on one slot
     pool = FitPool(link, gate, batch)
     inner = getattr(compressor, "inner", compressor)
     inner.attach_pool(pool, group.model, group.global_params)

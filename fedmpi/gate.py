@@ -84,9 +84,21 @@ class Gate:
     def enabled(self) -> bool:
         return bool(self.fds)
 
+    def pin(self, slot: int) -> None:
+        """Use only ``slot`` from now on (no taking another free one): the ranks of a fit
+        pool share one slot, so each slot trains one pool's clients and then runs its
+        leader's fit, as one rank with all those clients would (:mod:`fedmpi.fitpool`)."""
+        self.pinned = slot % len(self.fds)
+
+    pinned = -1
+
     def acquire(self) -> int:
         """Take a slot (blocking); returns its index."""
         n = len(self.fds)
+        if self.pinned >= 0:
+            fcntl.flock(self.fds[self.pinned], fcntl.LOCK_EX)
+            self.held = self.pinned
+            return self.pinned
         for i in range(n):
             k = (self.own + i) % n
             try:

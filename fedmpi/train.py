@@ -74,6 +74,7 @@ def on_server(t: Transport, fn):
             result = fn()
         except USER_ERRORS as exc:
             error = exc
+    t.quiet_barrier()  # the others sleep while rank 0 works (blocking MPI calls spin)
     if not t.agree(error is None):
         raise StopRun(str(error) if error else "")
     return result
@@ -301,6 +302,9 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             estimator.server_round_end(before, server.params, rnd, server.model)
             if not bool(torch.isfinite(server.params).all()):
                 stopped = f"round {rnd}: the global model is not finite"
+            step = before = None
+        aggregated = bool(updates)
+        updates = gathered = None  # a round's decoded updates go before the next decodes
         t2 = time.perf_counter()
         last = rnd == cfg.run.rounds - 1
         acc = loss = float("nan")
@@ -347,7 +351,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             "compression_ratio_up": compressor.dense_bytes() * len(wire) / max(1, c.uplink),
             "compression_ratio_down": (4 * model.d / per_broadcast if per_broadcast
                                        else float("nan")),
-            "efficiency_mean": float(np.nanmean(by_id[:, 4])) if updates else float("nan"),
+            "efficiency_mean": float(np.nanmean(by_id[:, 4])) if aggregated else float("nan"),
             "time_round": round_time, "time_train": time_train, "time_encode": time_encode,
             "time_decode": t2 - t1, "time_eval": t3 - t2,
             "time_comm": max(0.0, round_time - time_train - time_encode - (t4 - t1)),
@@ -364,6 +368,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             print(f"fedmpi: stopping: {stopped}", file=sys.stderr, flush=True)
 
     # 4. finish -------------------------------------------------------------------------
+    t.quiet_barrier()  # (blocking MPI calls spin: 40 such ranks slow rank 0's last round)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     per_rank = t.gather_object((usage.ru_maxrss / 1024.0, time.process_time() - cpu0,
                                 len(compute.paths), pool.size if pool else 0,

@@ -141,3 +141,27 @@ def test_runs_are_identical_with_and_without_the_gate(tmp_path):
     auto = run_and_open(tmp_path, 3, args, name="auto")  # run.threads = 1 in SMALL
     want = gate.slots_for(0, cores, 1, 3)
     assert list(auto.attrs["compute_slots"]) == [want] * 3
+
+
+def test_a_pinned_gate_waits_for_its_own_slot(tmp_path):
+    """pin(): a fit pool's ranks use only their slot, even when another one is free."""
+    import threading
+
+    paths = [str(tmp_path / f"slot-{i}") for i in range(2)]
+    first, pinned = gate.Gate(paths, 0), gate.Gate(paths, 1)
+    assert first.acquire() == 0
+    pinned.pin(0)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pinned.acquire()))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and not got  # slot 1 is free, but it waits for slot 0
+    first.release()
+    waiter.join(10)
+    assert got == [0]
+    pinned.release()
+    free = gate.Gate(paths, 1)
+    assert free.acquire() == 1  # unpinned: its own slot first
+    free.close()
+    first.close()
+    pinned.close()

@@ -97,6 +97,23 @@ def test_long_waits_poll_rarely_and_return_promptly():
 
 
 @pytest.mark.mpi
+def test_quiet_barrier_waits_asleep():
+    """Ranks waiting for rank 0 in quiet_barrier sleep (a blocking MPICH barrier spins)."""
+    import time
+
+    t = transport()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    if t.is_server:
+        time.sleep(0.5)
+    t.quiet_barrier()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    assert t.agree(True)
+    if t.size > 1:
+        assert wall > 0.45
+    assert cpu < 0.2
+
+
+@pytest.mark.mpi
 def test_wrong_count_is_refused_before_the_collective():
     t = transport()
     with pytest.raises(RuntimeError, match="gatherv count"):
