@@ -16,9 +16,11 @@ Exactness: a problem's fit is bit-identical whatever batch it is in (see
 run equals an unpooled one bit for bit. Every member joins the pool's collectives exactly
 once per round, with zero problems when it has no participating client.
 
-A member leaves its compute slot while it waits for the leader (so the pool's other
-members can finish training and the leader can take a slot to fit) and takes it again
-for the rest of its encoding.
+Each pool uses one slot of the gate only (:meth:`fedmpi.gate.Gate.pin`): the slot trains
+the pool's clients one rank after another and then runs the leader's fit, the schedule
+of one rank that owns all of them (``-n 41`` then runs like ``-n 3``). A member leaves
+its slot while it waits for the leader (so the pool's other members can train and the
+leader can take the slot to fit) and takes it again for the rest of its encoding.
 """
 
 from __future__ import annotations

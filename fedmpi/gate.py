@@ -14,10 +14,11 @@ node: ranks pinned to the same cores share those cores' slots, ranks pinned to o
 cores do not wait for them. A mask of c cores running t threads per rank has max(1, c //
 t) slots. A rank first tries every slot of its mask without blocking (starting at its
 own index, so ranks spread over the slots), and if all are taken it blocks on its own
-slot (index mod slots). A lock is released by the kernel when its process dies, so a
-crashed rank never leaves a slot taken; and the files are unlinked as soon as every rank
-of the node has opened them (a lock lives on the open file, not the name), so nothing is
-left behind, whatever way the run ends.
+slot (index mod slots); a rank of a 3SFC fit pool uses its pool's slot only
+(:meth:`Gate.pin`, :mod:`fedmpi.fitpool`). A lock is released by the kernel when its
+process dies, so a crashed rank never leaves a slot taken; and the files are unlinked as
+soon as every rank of the node has opened them (a lock lives on the open file, not the
+name), so nothing is left behind, whatever way the run ends.
 
 ``run.compute_slots``: 0 (auto) gates a mask only when more ranks share it than it has
 slots; N > 0 forces N slots per mask; -1 never gates.
