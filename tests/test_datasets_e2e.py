@@ -151,13 +151,12 @@ def test_pair_trains_two_rounds_at_1_and_3_ranks(runs, name, dataset, model, ext
 
 
 @pytest.mark.slow
-def test_client_ranks_hold_only_their_clients_and_never_import_torchvision(runs):
+def test_client_ranks_hold_only_their_clients_and_no_rank_imports_torchvision(runs):
     folder, ranks = runs[3]
     by_rank = {r["rank"]: r for r in ranks}
     assert sorted(by_rank) == [0, 1, 2]
-    assert by_rank[0]["torchvision"], "rank 0 loads the image datasets through torchvision"
-    for r in (1, 2):
-        assert not by_rank[r]["torchvision"], f"client rank {r} imported torchvision"
+    for r in (0, 1, 2):  # fedmpi reads the files itself: torchvision only downloads
+        assert not by_rank[r]["torchvision"], f"rank {r} imported torchvision"
     for name, dataset, _, extra in PAIRS:
         res = _read(folder / f"{name}.h5")
         owners = ast.literal_eval(str(res["owners"]))
