@@ -255,8 +255,9 @@ class ClientGroup:
                                             len(self.shards[cid]), steps))
             self.time_train += t1 - t0
             self.time_encode += time.perf_counter() - t1
-        if self.pool is not None and self.pool.joined != round_:  # no client of ours
-            t1 = time.perf_counter()  # encoded this round: join the pool with nothing
+        if self.pool is not None and self.pool.joined != round_:
+            # none of this rank's clients was encoded this round: join the pool with nothing
+            t1 = time.perf_counter()
             self.pool.join_empty(round_)
             self.time_encode += time.perf_counter() - t1
         return results

@@ -75,6 +75,7 @@ class Gate:
         self.paths = paths
         self.own = own
         self.mask = mask  #: the CPU affinity mask whose ranks share these slots
+        self.pinned = -1  #: the only slot this rank uses (pin), or -1: any free one
         self.fds: list[int] = []
         for p in paths:
             fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
@@ -90,8 +91,6 @@ class Gate:
         pool share one slot, so each slot trains one pool's clients and then runs its
         leader's fit, as one rank with all those clients would (:mod:`fedmpi.fitpool`)."""
         self.pinned = slot % len(self.fds)
-
-    pinned = -1
 
     def acquire(self) -> int:
         """Take a slot (blocking); returns its index."""

@@ -118,6 +118,7 @@ class SFC3(Compressor):
                    "give either compressor.m or a budget (compressor.budget / budget_bytes)")
 
     tag: ClassVar[int] = TAG_SFC3  #: random stream of the starts (X0, Y0)
+    pool: Any = None  #: a fedmpi.fitpool.FitPool once attached (attach_pool)
 
     def __init__(self, cfg: Any, spec: ModelSpec):
         super().__init__(cfg, spec)
@@ -178,14 +179,13 @@ class SFC3(Compressor):
         ``global_params`` (this rank's w^t, updated in place every round) with ``model``."""
         direction = self.direction(model)
 
-        def solver(targets, x0, y0):
-            return synth.fit(direction, global_params, targets, x0, y0, self.options,
-                             mode=self.cfg.eval_mode)
+        def solver(targets, x0, y0):  # (the pool hands over CPU tensors)
+            dev = global_params.device
+            return synth.fit(direction, global_params, targets.to(dev), x0.to(dev),
+                             y0.to(dev), self.options, mode=self.cfg.eval_mode)
 
         pool.bind(solver, self.spec.d, direction.x_shape, direction.y_shape)
         self.pool = pool
-
-    pool: Any = None  #: a FitPool once attached (fedmpi.fitpool)
 
     def encode_many(self, updates, states, ctxs):
         if self.pool is not None:  # one pooled fit per call: every client shares w^t
