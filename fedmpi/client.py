@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from fedmpi.compress import Compressor, Context, ModelSpec, Payload
 from fedmpi.config import Config
 from fedmpi.data import Normalizer, augmenter
+from fedmpi.layout import equal_chunks
 from fedmpi.models import FlatModel
 from fedmpi.sam import Estimator
 
@@ -224,9 +225,7 @@ class ClientGroup:
         if self.pool is not None:  # pooled fits: one encode call per round (fedmpi.fitpool)
             chunk = len(mine)
         results = []
-        pieces = -(-len(mine) // max(1, chunk))  # equal chunks: 20 clients by 16 -> 10 + 10
-        bounds = [len(mine) * i // max(1, pieces) for i in range(pieces + 1)]
-        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        for start, stop in equal_chunks(len(mine), chunk):
             cids = mine[start:stop]
             t0 = time.perf_counter()
             if execution == "batched":

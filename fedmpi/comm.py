@@ -46,6 +46,13 @@ class Counters:
     per_rank_uplink: list[int] = field(default_factory=list)
 
 
+def _displacements(counts: np.ndarray) -> np.ndarray:
+    """Where each rank's block starts in a Gatherv / Scatterv buffer."""
+    displs = np.zeros_like(counts)
+    np.cumsum(counts[:-1], out=displs[1:])
+    return displs
+
+
 #: a long wait's polls back off to this share of the time waited so far ...
 LONG_WAIT_SHARE = 0.005
 #: ... but never to more than this many seconds between two polls
@@ -153,8 +160,7 @@ class Transport:
                                    f"{send.size} bytes to send")
         recv = None
         if self.is_server:
-            displs = np.zeros_like(counts)
-            np.cumsum(counts[:-1], out=displs[1:])
+            displs = _displacements(counts)
             recv = np.empty(int(counts.sum()), dtype=np.uint8)
             spec = [recv, (counts, displs), MPI.BYTE]
         else:
@@ -259,8 +265,7 @@ class NodePool:
         counts, sizes = (table[:, 0].copy(), table[:, 1].copy()) if self.leader else (None, None)
         recv = None
         if self.leader:
-            displs = np.zeros_like(sizes)
-            np.cumsum(sizes[:-1], out=displs[1:])
+            displs = _displacements(sizes)
             recv = np.empty(int(sizes.sum()), dtype=np.float32)
             spec = [recv, (sizes, displs), MPI.FLOAT]
         else:
@@ -274,8 +279,7 @@ class NodePool:
         spec = None
         if self.leader:
             sizes = np.asarray([p.size for p in parts], dtype=np.int64)
-            displs = np.zeros_like(sizes)
-            np.cumsum(sizes[:-1], out=displs[1:])
+            displs = _displacements(sizes)
             flat = (np.concatenate(parts) if parts else np.empty(0)).astype(np.float64)
             spec = [flat, (sizes, displs), MPI.DOUBLE]
         self._run(self.comm.Iscatterv(spec, [out, MPI.DOUBLE], root=0))

@@ -33,6 +33,7 @@ import torch
 
 from fedmpi import synth
 from fedmpi.gate import Gate
+from fedmpi.layout import equal_chunks
 
 #: fits the problems (targets (B, d), x0 (B, *x), y0 (B, *y)) at this rank's w^t
 Solver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], synth.FitResult]
@@ -107,9 +108,7 @@ class FitPool:
         if total:
             self.gate.acquire()
             try:
-                pieces = -(-total // self.batch)
-                bounds = [total * i // pieces for i in range(pieces + 1)]
-                for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+                for lo, hi in equal_chunks(total, self.batch):
                     chunk = rows[lo:hi]
                     fit = self.solver(chunk[:, :self.d].clone(),
                                       chunk[:, self.d:self.d + nx].reshape(-1, *x_shape).clone(),

@@ -35,13 +35,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-
-def affinity() -> tuple[int, ...]:
-    """The CPUs this process may run on (sorted)."""
-    try:
-        return tuple(sorted(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return tuple(range(os.cpu_count() or 1))
+from fedmpi.layout import affinity
 
 
 def lock_dir() -> str:

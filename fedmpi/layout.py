@@ -49,12 +49,25 @@ def pick_device(mode: str, local_rank: int) -> torch.device:
     return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
 
 
-def cores() -> int:
-    """The CPUs this process may run on."""
+def affinity() -> tuple[int, ...]:
+    """The CPUs this process may run on (sorted)."""
     try:
-        return len(os.sched_getaffinity(0))
+        return tuple(sorted(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
+        return tuple(range(os.cpu_count() or 1))
+
+
+def cores() -> int:
+    """How many CPUs this process may run on."""
+    return len(affinity())
+
+
+def equal_chunks(n: int, most: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges cutting n items into the fewest chunks of at most ``most``
+    items, as equal as possible (20 by 16: 10 + 10, not 16 + 4)."""
+    pieces = -(-n // max(1, most))
+    bounds = [n * i // max(1, pieces) for i in range(pieces + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def thread_count(configured: int, ranks_on_node: int) -> int:
