@@ -97,6 +97,7 @@ class ClientGroup:
         self.estimator = estimator
         self.shards = shards
         self.model = model
+        model.use_backprop(cfg.client.backprop)
         self.compressor = compressor
         self.spec = spec
         self.normalize = normalizer
@@ -127,15 +128,14 @@ class ClientGroup:
         est = self.estimator
         est.begin_client(cid, state, self.global_params, round_, lr=lr, steps=len(batches))
         for k, idx in enumerate(batches):
+            # index_select, not x[index]: the same rows, a third of advanced indexing's time
             index = torch.from_numpy(idx).to(shard.x.device)
-            xb, yb = self.normalize(augment(shard.x[index])), shard.y[index]
+            xb = self.normalize(augment(shard.x.index_select(0, index)))
+            yb = shard.y.index_select(0, index)
             eps = est.perturbation(model, xb, yb, k)
             if eps is not None:
                 params.add_(eps)  # the gradient is taken at the perturbed point w + eps
-            model.zero_grad()
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-            loss_sum += loss.detach()
+            loss_sum += model.loss_grad(xb, yb)  # client.backprop: autograd or by hand
             with torch.no_grad():
                 if eps is not None:
                     params.sub_(eps)
@@ -191,8 +191,8 @@ class ClientGroup:
                 for cid, augment in zip(group, augments, strict=True):
                     shard = self.shards[cid]
                     index = torch.from_numpy(schedules[cid][k]).to(shard.x.device)
-                    xs.append(self.normalize(augment(shard.x[index])))
-                    ys.append(shard.y[index])
+                    xs.append(self.normalize(augment(shard.x.index_select(0, index))))
+                    ys.append(shard.y.index_select(0, index))
                 g, loss = step_fn(w, torch.stack(xs), torch.stack(ys))
                 loss_sum += loss.detach()
                 if c.grad_clip > 0:

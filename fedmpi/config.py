@@ -154,6 +154,9 @@ class ClientConfig:
     #: through torch.func (vmap over clients; plain SGD, sam.name = "none"); auto =
     #: sequential training, batched where the compressor fits clients together (3SFC)
     execution: Literal["auto", "sequential", "batched"] = "auto"
+    #: how a minibatch gradient is taken: autograd; dense = by hand for a chain of dense
+    #: layers (mlp, logreg; fedmpi.models.DenseBackprop); auto = dense where it applies
+    backprop: Literal["auto", "autograd", "dense"] = "auto"
 
     def validate(self) -> None:
         _positive(self, "client", "lr")
@@ -354,6 +357,9 @@ def _check_data_model(cfg: Config) -> None:
     _require(cfg.data.partition != "shards" or cfg.data.classes_per_client <= info.num_classes,
              "data.classes_per_client", f"{cfg.data.classes_per_client} exceeds the "
              f"{info.num_classes} classes of {cfg.data.dataset!r}")
+    _require(cfg.client.backprop != "dense" or cfg.model.name in models.DENSE,
+             "client.backprop", f"'dense' is defined for the dense chains "
+             f"{', '.join(models.DENSE)} (model {cfg.model.name!r}); use 'auto' or 'autograd'")
     problem = models.fit_error(cfg.model, info.input_shape, info.num_classes)
     _require(problem is None, "model.name", f"{problem}; dataset {cfg.data.dataset!r} has "
              f"inputs of shape {'x'.join(map(str, info.input_shape))} and "

@@ -61,6 +61,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from fedmpi.models import dense_layers
+
 
 @dataclass(frozen=True)
 class FitOptions:
@@ -242,19 +244,9 @@ class Layers:
     """
 
     def __init__(self, sm: SynthModel):
-        mods = list(sm.module.children()) if isinstance(sm.module, nn.Sequential) else []
-        if mods and isinstance(mods[0], nn.Flatten):
-            mods = mods[1:]
-        linears = mods[0::2]
-        acts = mods[1::2]
-        params = list(sm.module.parameters())
-        self.ok = (bool(linears) and len(linears) == len(acts) + 1
-                   and all(type(m) is nn.Linear and m.bias is not None for m in linears)
-                   and all(type(a) is nn.ReLU for a in acts)
-                   and len(params) == 2 * len(linears)
-                   and all(p is q for p, q in zip(
-                       params, [t for m in linears for t in (m.weight, m.bias)], strict=True)))
-        self.shapes = [tuple(m.weight.shape) for m in linears] if self.ok else []
+        linears = dense_layers(sm.module)
+        self.ok = linears is not None
+        self.shapes = [tuple(m.weight.shape) for m in linears] if linears else []
 
     @classmethod
     def of(cls, direction: Any) -> Layers | None:

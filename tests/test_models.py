@@ -192,3 +192,91 @@ def test_fit_error_names_the_model_and_the_shape():
     msg = models.fit_error(ModelConfig(name="resnet18"), (1, 28, 28), 10)
     assert msg is not None and "resnet18" in msg and "1x28x28" in msg
     assert models.fit_error(ModelConfig(name="resnet18"), (3, 32, 32), 100) is None
+
+
+# ------------------------------------------------------------- hand-written backprop
+
+
+def _flat(name: str, shape: tuple[int, ...], classes: int, hidden: int = 200
+          ) -> models.FlatModel:
+    cfg = ModelConfig(name=name, hidden=hidden)
+    return models.FlatModel(models.build_module(cfg, shape, classes, seed=3))
+
+
+@pytest.mark.parametrize("name, shape, classes", [
+    ("mlp", (1, 28, 28), 10), ("mlp", (60,), 10), ("logreg", (60,), 10),
+    ("logreg", (3, 32, 32), 100), ("mlp", (3, 32, 32), 100)])
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_dense_backprop_equals_autograd(name, shape, classes, batch):
+    model = _flat(name, shape, classes)
+    g = torch.Generator().manual_seed(batch)
+    model.params.add_(0.05 * torch.randn(model.d, generator=g))  # not just the init
+    x = torch.randn(batch, *shape, generator=g)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    model.use_backprop("autograd")
+    assert model.dense is None
+    model.grad.fill_(7.0)  # loss_grad overwrites, it does not accumulate
+    want_loss = model.loss_grad(x, y)
+    want = model.grad.clone()
+    model.use_backprop("dense")
+    assert model.dense is not None
+    model.grad.fill_(7.0)
+    loss = model.loss_grad(x, y)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.grad, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    assert float(want.abs().max()) > 0
+
+
+def test_dense_backprop_follows_the_weights_it_views():
+    """The hand-written path reads the flat parameter vector (``load`` and in-place SGD
+    steps move it) and writes the flat gradient vector."""
+    model = _flat("mlp", (12,), 4, hidden=8)
+    model.use_backprop("dense")
+    x, y = torch.randn(5, 12), torch.tensor([0, 1, 2, 3, 0])
+    model.loss_grad(x, y)
+    first = model.grad.clone()
+    model.load(model.params * 2.0)
+    model.loss_grad(x, y)
+    dense = model.grad.clone()
+    model.use_backprop("autograd")
+    model.loss_grad(x, y)
+    torch.testing.assert_close(dense, model.grad, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(first, dense)
+
+
+@pytest.mark.parametrize("name, dense", [("mlp", True), ("logreg", True), ("mnistnet", False),
+                                         ("convnet", False), ("lenet5", False)])
+def test_auto_backprop_is_dense_exactly_for_dense_chains(name, dense):
+    shape = (3, 32, 32) if name == "lenet5" else (1, 28, 28)
+    model = _flat(name, shape, 10)
+    assert (models.dense_layers(model.module) is not None) == dense
+    assert name in models.DENSE if dense else name not in models.DENSE
+    model.use_backprop("auto")
+    assert (model.dense is not None) == dense
+    if not dense:
+        with pytest.raises(ValueError, match="dense"):
+            model.use_backprop("dense")
+    with pytest.raises(ValueError, match="unknown backprop"):
+        model.use_backprop("fast")
+
+
+@pytest.mark.parametrize("module", [
+    nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)),  # not ReLU
+    nn.Sequential(nn.Linear(4, 3, bias=False)),  # no bias
+    nn.Sequential(nn.Linear(4, 3), nn.ReLU()),  # ends in an activation
+    nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Dropout(), nn.Linear(3, 2)),
+    nn.Linear(4, 3),  # not a Sequential
+])
+def test_dense_layers_refuses_other_modules(module):
+    assert models.dense_layers(module) is None
+
+
+def test_backprop_dense_on_a_convolutional_model_is_a_config_error():
+    with pytest.raises(ConfigError) as err:
+        config.load(None, ["data.dataset=mnist", "data.partition=dirichlet",
+                           "model.name=mnistnet", "client.backprop=dense"])
+    assert err.value.key == "client.backprop"
+    cfg = config.load(None, ["data.dataset=mnist", "data.partition=dirichlet",
+                             "model.name=mnistnet", "client.backprop=auto"])
+    assert cfg.client.backprop == "auto"

@@ -401,7 +401,7 @@ def perturbation_alignment(overrides: list[str]) -> tuple[list[tuple[int, float]
     return log, [(r, e, history[r - 1] - history[r]) for r, e in eps_log]
 
 
-CLAIM = ["run.threads=1", "run.seed=1", "run.rounds=8", "data.num_clients=10",
+CLAIM = ["run.threads=1", "run.rounds=8", "data.num_clients=10",
          "model.hidden=64", "client.local_steps=5", "client.lr=0.05", "sam.rho=0.05",
          "compressor.name=topk", "compressor.ratio=0.01", "compressor.ef=true"]
 
@@ -411,13 +411,29 @@ def test_fedsynsam_estimates_the_global_perturbation_better_than_fedlesam_under_
     """The reason FedSynSAM exists: under top-k (1%) + EF on a non-IID problem
     (Synthetic(1, 1), 10 clients), the FedSynSAM ascent is better aligned with the true
     global gradient at the client's iterate than FedLESAM's. Measured over rounds >= 2
-    (both have history); the two numbers are printed (pytest -s)."""
-    means = {}
-    for name in ("fedlesam", "fedsynsam"):
-        log, eps = perturbation_alignment([*CLAIM, f"sam.name={name}"])
-        means[name] = float(np.mean([c for r, c in log if r >= 2]))
-        if name == "fedlesam":  # every client every round: t' = t - 1
-            assert eps and all(cosine(e, prev) > 1 - 1e-5 for r, e, prev in eps if r >= 1)
-    print(f"\ncos(eps, grad F) under top-k 1% + EF, mean over rounds >= 2: "
-          f"fedlesam {means['fedlesam']:.3f}, fedsynsam {means['fedsynsam']:.3f}")
+    (both have history), averaged over seeds 1..8; the numbers are printed (pytest -s).
+
+    One seed is not enough: FedSynSAM's synthetic fit (LBFGS without line search, as in
+    the official code) is chaotic, so float rounding alone moves one seed's mean cosine
+    by up to 0.14 (seed 1: 0.36 with autograd gradients, 0.22 with the hand-written
+    dense backprop, whose gradients differ from autograd's by 1e-8), while FedLESAM's
+    stays put to 1e-8. Measured (one thread), mean of seeds 1..8: FedLESAM 0.293,
+    FedSynSAM 0.345 with autograd (ahead on 7 seeds) and 0.323 with dense (ahead on 5)."""
+    means: dict[str, list[float]] = {"fedlesam": [], "fedsynsam": []}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # run.threads = 1: rounding (so FedSynSAM's fit) follows it
+    try:
+        for seed in range(1, 9):
+            for name in means:
+                log, eps = perturbation_alignment([*CLAIM, f"sam.name={name}",
+                                                   f"run.seed={seed}"])
+                means[name].append(float(np.mean([c for r, c in log if r >= 2])))
+                if name == "fedlesam":  # every client every round: t' = t - 1
+                    assert eps and all(cosine(e, prev) > 1 - 1e-5
+                                       for r, e, prev in eps if r >= 1)
+    finally:
+        torch.set_num_threads(threads)
+    print("\ncos(eps, grad F) under top-k 1% + EF, mean over rounds >= 2, seeds 1..8: "
+          + ", ".join(f"{k} {' '.join(f'{v:.3f}' for v in vs)}" for k, vs in means.items()))
+    means = {k: float(np.mean(vs)) for k, vs in means.items()}
     assert means["fedsynsam"] > means["fedlesam"]
