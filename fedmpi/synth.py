@@ -284,37 +284,81 @@ class Layers:
 
     @staticmethod
     def objective(wl, ul, u_norm: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                  lambd: float, absolute: bool) -> torch.Tensor:
-        """J of B problems from padded tensors (:meth:`split`, :meth:`pad_inputs`): ``wl``
-        the shared (W_l, b_l) (last bias padded with -inf); ``ul`` the B problems' target
-        blocks; ``u_norm`` (B,); x (B, M, pad(D_in)); y (B, M, pad(C)). Differentiable in
-        x and y."""
+                  lambd: float, absolute: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(J, dJ/dx, dJ/dy) of B problems from padded tensors (:meth:`split`,
+        :meth:`pad_inputs`): ``wl`` the shared (W_l, b_l) (last bias padded with -inf);
+        ``ul`` the B problems' target blocks; ``u_norm`` (B,); x (B, M, pad(D_in)); y (B, M,
+        pad(C)). The gradient is written out by hand (reverse mode through the formulas in
+        the class docstring; the ReLU masks count as constants, as autograd's do): with
+        Gu = dJ/d<g,u>, Gg = dJ/d||g||^2, K_l = a_{l-1} a_{l-1}^T, E_l = e_l e_l^T,
+
+            de_l  = Gu v_l + 2 Gg (K_l e_l + 1 gb_l^T) + [(de_{l-1} * m_{l-1}) W_l^T]
+            da_l-1 = Gu e_l U_l + 2 Gg E_l a_{l-1} + dh_l W_l,  dh_l = da_l * m_l
+            dz = p * (dp - sum_c dp * p),  dp = de_L * s / M  (s = Y 1, dY via s and e_L)
+
+        about a third of autograd's operations for the same products."""
         b, m = x.shape[0], x.shape[1]
+        n_layers = len(wl)
         a = [x]
-        hs = []
         for i, (wt, bias) in enumerate(wl):
             h = torch.baddbmm(bias.expand(b, m, -1), a[-1], wt.t().expand(b, -1, -1))
-            hs.append(h)
-            if i < len(wl) - 1:
-                a.append(torch.relu(h))
-        p = torch.softmax(hs[-1], dim=-1)
-        e = (p * y.sum(-1, keepdim=True) - y) / m
+            if i < n_layers - 1:
+                a.append(h.relu_())  # the ReLU masks are a_l > 0
+        p = torch.softmax(h, dim=-1)
+        s = y.sum(-1, keepdim=True)
+        e = (p * s - y) / m
+        es, vs, ks = [None] * n_layers, [None] * n_layers, [None] * n_layers
         gu = gg = None
-        for i in range(len(wl) - 1, -1, -1):
+        for i in range(n_layers - 1, -1, -1):
             uw, ub = ul[i]
             v = torch.baddbmm(ub[:, None, :].expand(-1, m, -1), a[i], uw.transpose(1, 2))
-            gb = e.sum(1)
+            gb = e.sum(1, keepdim=True)
+            k = torch.bmm(a[i], a[i].transpose(1, 2))
             terms = ((e * v).sum((1, 2)),
-                     (torch.bmm(e, e.transpose(1, 2)) * torch.bmm(a[i], a[i].transpose(1, 2))
-                      ).sum((1, 2)) + (gb * gb).sum(1))
+                     (torch.bmm(e, e.transpose(1, 2)) * k).sum((1, 2)) + (gb * gb).sum((1, 2)))
             gu, gg = terms if gu is None else (gu + terms[0], gg + terms[1])
+            es[i], vs[i], ks[i] = e, v, k
             if i:
-                e = torch.bmm(e, wl[i][0].expand(b, -1, -1)) * (hs[i - 1] > 0)
-        cos = gu / (torch.sqrt(gg) * u_norm + 1e-12)
-        j = 1.0 - (cos.abs() if absolute else cos)
+                e = torch.ops.aten.threshold_backward(
+                    torch.bmm(e, wl[i][0].expand(b, -1, -1)), a[i], 0)
+        r = torch.sqrt(gg)
+        den = r * u_norm + 1e-12
+        cos = gu / den
+        sign = torch.sign(cos) if absolute else torch.ones_like(cos)
+        j = 1.0 - sign * cos
         if lambd:
             j = j + lambd * (x.pow(2).sum((1, 2)) + y.pow(2).sum((1, 2)))
-        return j
+        d_gu = (-sign / den)[:, None, None]
+        d_gg = (sign * gu * u_norm / (den * den * 2.0 * r))[:, None, None]
+        two_gg = 2.0 * d_gg
+        # adjoints of e_l, l = 1..L (e_l feeds e_{l+1}... downwards, so accumulate upwards)
+        de = None
+        for i in range(n_layers):
+            e = es[i]
+            own = (d_gu * vs[i] + two_gg * (torch.bmm(ks[i], e) + e.sum(1, keepdim=True)))
+            de = own if de is None else own + torch.bmm(
+                torch.ops.aten.threshold_backward(de, a[i], 0), wl[i][0].t().expand(b, -1, -1))
+        # e_L = (p s - Y) / M
+        dp = de * s / m
+        dz = p * (dp - (dp * p).sum(-1, keepdim=True))
+        gy = (de * p).sum(-1, keepdim=True) / m - de / m
+        # down the forward chain: dh_L = dz
+        dh = dz
+        gx = None
+        for i in range(n_layers - 1, -1, -1):
+            e = es[i]
+            uw = ul[i][0]
+            da = torch.bmm(dh, wl[i][0].expand(b, -1, -1)) + d_gu * torch.bmm(e, uw) \
+                + two_gg * torch.bmm(torch.bmm(e, e.transpose(1, 2)), a[i])
+            if i:
+                dh = torch.ops.aten.threshold_backward(da, a[i], 0)
+            else:
+                gx = da
+        if lambd:
+            gx = gx + (2.0 * lambd) * x
+            gy = gy + (2.0 * lambd) * y
+        return j, gx, gy
 
 
 def resolve_mode(mode: str, device: torch.device, direction: Any = None) -> str:
@@ -356,16 +400,12 @@ def match_fn(direction: Direction, w: torch.Tensor, targets: torch.Tensor,
         def fn(z: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             xs, ys = pack.unpack(z.detach())
             x, y = layers.pad_inputs(xs, ys)
-            x.requires_grad_(True)
-            y.requires_grad_(True)
             every = len(rows) == len(targets) and bool((rows == torch.arange(
                 len(targets), device=rows.device)).all())
             sub = ul if every else [(uw.index_select(0, rows), ub.index_select(0, rows))
                                     for uw, ub in ul]
-            with torch.enable_grad():
-                j = layers.objective(wl, sub, norms[rows], x, y, opts.lambd, opts.absolute)
-                gx, gy = torch.autograd.grad(j.sum(), (x, y))
-            return j.detach(), pack.pack(gx[..., :nx].reshape(xs.shape), gy[..., :nc])
+            j, gx, gy = layers.objective(wl, sub, norms[rows], x, y, opts.lambd, opts.absolute)
+            return j, pack.pack(gx[..., :nx].reshape(xs.shape), gy[..., :nc])
 
         return fn
 
