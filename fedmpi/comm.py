@@ -89,9 +89,13 @@ class Transport:
         if self.wait_mode == "block":
             req.Wait()
             return
+        self._poll(req.Test)
+
+    def _poll(self, done: Callable[[], bool]) -> None:
+        """Call ``done`` until it says True, sleeping in between (see ``_wait``)."""
         delay = 2e-5
         start = time.perf_counter()
-        while not req.Test():
+        while not done():
             time.sleep(delay)
             # back off to poll_max; a long wait (a fit pool's members waiting for the
             # others to train) backs off further, to LONG_WAIT_SHARE of the time waited so
@@ -236,10 +240,16 @@ class Transport:
         self.comm.Abort(code)
 
 
+#: message tags of a NodePool's own communicator
+POOL_GATHER, POOL_SCATTER = 21, 22
+
+
 class NodePool:
     """A few ranks of one node that send work to their first member and get results back
-    (:mod:`fedmpi.fitpool`): nonblocking collectives on their own communicator, waited on
-    like the round's (sleep-polling), so a member that waits for the leader sleeps."""
+    (:mod:`fedmpi.fitpool`), on their own communicator, point to point: no member ever
+    forwards another's data (as the tree algorithms of a collective may), so a member
+    only has to make MPI progress for its own messages and may sleep outside MPI
+    otherwise (the pool's doors). Waits are polled like the round's (sleep-polling)."""
 
     def __init__(self, comm: MPI.Comm, transport: Transport):
         self.comm = comm
@@ -254,35 +264,51 @@ class NodePool:
     def _run(self, req: MPI.Request) -> None:
         self.t._timed(lambda: self.t._wait(req))
 
-    def gather(self, count: int, send: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """Every member's ``count`` and float32 ``send``; the leader gets (counts,
-        concatenated sends in member order), the others None."""
+    def gather(self, send: np.ndarray) -> list[np.ndarray] | None:
+        """Every member's float32 ``send`` (any length, 0 included) at the leader, in
+        member order; None on the others. The leader receives the messages in the order
+        they arrive (matched probe), so a member's send completes as soon as the leader
+        next polls, not when the last member arrives."""
         assert send.dtype == np.float32
-        table = np.zeros((self.size, 2), dtype=np.int64) if self.leader else None
-        mine = np.asarray([count, send.size], dtype=np.int64)
-        self._run(self.comm.Igather([mine, MPI.INT64_T], [table, MPI.INT64_T]
-                                    if self.leader else None, root=0))
-        counts, sizes = (table[:, 0].copy(), table[:, 1].copy()) if self.leader else (None, None)
-        recv = None
-        if self.leader:
-            displs = _displacements(sizes)
-            recv = np.empty(int(sizes.sum()), dtype=np.float32)
-            spec = [recv, (sizes, displs), MPI.FLOAT]
-        else:
-            spec = None
-        self._run(self.comm.Igatherv([send, MPI.FLOAT], spec, root=0))
-        return (counts, recv) if self.leader else None
+        if not self.leader:
+            self._run(self.comm.Isend([send, MPI.FLOAT], dest=0, tag=POOL_GATHER))
+            return None
+        parts: list[np.ndarray | None] = [send] + [None] * (self.size - 1)
+        status = MPI.Status()
 
-    def scatter(self, parts: list[np.ndarray] | None, size: int) -> np.ndarray:
-        """The leader's float64 ``parts[i]`` to member i; ``size`` floats arrive here."""
-        out = np.empty(size, dtype=np.float64)
-        spec = None
+        def receive(msg: MPI.Message) -> None:
+            buf = np.empty(status.Get_count(MPI.FLOAT), dtype=np.float32)
+            msg.Recv([buf, MPI.FLOAT])
+            parts[status.Get_source()] = buf
+
+        def take() -> bool:
+            while (msg := self.comm.Improbe(MPI.ANY_SOURCE, POOL_GATHER, status)) is not None:
+                receive(msg)
+            return all(p is not None for p in parts)
+
+        def blocking() -> None:
+            for _ in range(self.size - 1):
+                receive(self.comm.Mprobe(MPI.ANY_SOURCE, POOL_GATHER, status))
+
+        self.t._timed(blocking if self.t.wait_mode == "block" else lambda: self.t._poll(take))
+        return parts
+
+    def scatter(self, parts: list[np.ndarray] | None, size: int,
+                posted: Callable[[], None] = lambda: None) -> np.ndarray:
+        """The leader's float64 ``parts[i]`` to member i; ``size`` floats arrive here.
+        ``posted`` runs once this rank's sends / receive are posted, before it waits."""
         if self.leader:
-            sizes = np.asarray([p.size for p in parts], dtype=np.int64)
-            displs = _displacements(sizes)
-            flat = (np.concatenate(parts) if parts else np.empty(0)).astype(np.float64)
-            spec = [flat, (sizes, displs), MPI.DOUBLE]
-        self._run(self.comm.Iscatterv(spec, [out, MPI.DOUBLE], root=0))
+            reqs = [self.comm.Isend([np.ascontiguousarray(parts[i], dtype=np.float64),
+                                     MPI.DOUBLE], dest=i, tag=POOL_SCATTER)
+                    for i in range(1, self.size)]
+            posted()
+            self.t._timed(lambda: MPI.Request.Waitall(reqs) if self.t.wait_mode == "block"
+                          else self.t._poll(lambda: MPI.Request.Testall(reqs)))
+            return np.ascontiguousarray(parts[0], dtype=np.float64)
+        out = np.empty(size, dtype=np.float64)
+        req = self.comm.Irecv([out, MPI.DOUBLE], source=0, tag=POOL_SCATTER)
+        posted()
+        self._run(req)
         return out
 
 

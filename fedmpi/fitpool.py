@@ -21,11 +21,23 @@ the pool's clients one rank after another and then runs the leader's fit, the sc
 of one rank that owns all of them (``-n 41`` then runs like ``-n 3``). A member leaves
 its slot while it waits for the leader (so the pool's other members can train and the
 leader can take the slot to fit) and takes it again for the rest of its encoding.
+
+Waiting without waking: a member would otherwise poll MPI for seconds per round (the
+pool's training, then the leader's fit); at ``-n 41`` forty such pollers cost more CPU
+than they save. Two :class:`Door` s per pool let members sleep in the kernel instead:
+the *start* door keeps members from training until the leader has trained and is
+receiving (so a member's send completes at once), the *done* door keeps them asleep
+until the leader has posted their results. Traffic is point to point
+(:class:`fedmpi.comm.NodePool`), so a sleeping member never holds up another's data.
+The doors only decide when a member waits in MPI, never what it receives.
 """
 
 from __future__ import annotations
 
+import fcntl
+import heapq
 import math
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -39,12 +51,48 @@ from fedmpi.layout import equal_chunks
 Solver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], synth.FitResult]
 
 
-class FitPool:
-    """One rank's side of a pool (``link``: a :class:`fedmpi.comm.NodePool`)."""
+class Door:
+    """An event the pool's leader signals and its members sleep on (``flock``, in the
+    kernel: no CPU while waiting), once per join n. Two lock files alternate by the
+    parity of n: the leader holds door n shut from before any member can reach it (door
+    0 from setup, door n + 1 from the moment it opens door n), and opening n releases it;
+    a member passes n by taking and dropping a shared lock. Every member joins every
+    round, so all agree on n; a member from join n - 1 is past its door before the
+    leader can reach join n (the round's gather to rank 0 orders them), so shutting
+    door n + 1 never waits. A dead leader's locks are released by the kernel."""
 
-    def __init__(self, link, gate: Gate, batch: int):
+    def __init__(self, paths: list[str], leader: bool):
+        self.fds = [os.open(p, os.O_RDWR | os.O_CREAT, 0o600) for p in paths]
+        self.leader = leader
+        if leader:
+            fcntl.flock(self.fds[0], fcntl.LOCK_EX)
+
+    def open(self, n: int) -> None:
+        """Leader: shut door n + 1, then open door n."""
+        fcntl.flock(self.fds[(n + 1) % 2], fcntl.LOCK_EX)
+        fcntl.flock(self.fds[n % 2], fcntl.LOCK_UN)
+
+    def wait(self, n: int) -> None:
+        """Member: sleep until door n is open."""
+        fcntl.flock(self.fds[n % 2], fcntl.LOCK_SH)
+        fcntl.flock(self.fds[n % 2], fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)  # drops any lock held on it
+        self.fds = []
+
+
+class FitPool:
+    """One rank's side of a pool (``link``: a :class:`fedmpi.comm.NodePool`; ``start``
+    and ``done``: its :class:`Door` s)."""
+
+    def __init__(self, link, gate: Gate, batch: int, start: Door, done: Door):
         self.link = link
         self.gate = gate
+        self.start = start
+        self.done = done
+        self.joins = 0  # joins so far: the next join's number
         self.batch = max(1, batch)
         self.solver: Solver | None = None  # set by the compressor (attach_pool)
         self.shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
@@ -68,6 +116,16 @@ class FitPool:
         self.fit(round_, torch.zeros((0, self.d)), torch.zeros((0, *x_shape)),
                  torch.zeros((0, *y_shape)))
 
+    def before_round(self) -> None:
+        """Before this rank takes its compute slot for a round: a member sleeps until the
+        leader is receiving (the start door), so that the leader trains first."""
+        if not self.link.leader:
+            self.start.wait(self.joins)
+
+    def close(self) -> None:
+        self.start.close()
+        self.done.close()
+
     def fit(self, round_: int, targets: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor
             ) -> synth.FitResult:
         """This rank's problems fitted by the pool (once per round, B may be 0)."""
@@ -75,6 +133,8 @@ class FitPool:
             raise RuntimeError(f"round {round_}: a rank joined its fit pool twice (every "
                                "member must join exactly once per round)")
         self.joined = round_
+        n = self.joins
+        self.joins += 1
         x_shape, y_shape = self.shapes
         nx, ny = math.prod(x_shape), math.prod(y_shape)
         b = int(targets.shape[0])
@@ -84,11 +144,13 @@ class FitPool:
             y0.detach().to(torch.float32).reshape(b, ny).cpu().numpy()], axis=1).reshape(-1)
         held = self.gate.held >= 0
         self.gate.release()
-        got = self.link.gather(b, np.ascontiguousarray(send, dtype=np.float32))
-        parts = None
-        if got is not None:
-            parts = self._fit_all(*got, nx, ny)
-        out = self.link.scatter(parts, b * (nx + ny + 1)).reshape(b, nx + ny + 1)
+        leader = self.link.leader
+        if leader:
+            self.start.open(n)  # members may train now: the leader is receiving
+        got = self.link.gather(np.ascontiguousarray(send, dtype=np.float32))
+        parts = self._fit_all(got, nx, ny) if leader else None
+        door = (lambda: self.done.open(n)) if leader else (lambda: self.done.wait(n))
+        out = self.link.scatter(parts, b * (nx + ny + 1), door).reshape(b, nx + ny + 1)
         if held:
             self.gate.acquire()
         device = targets.device
@@ -98,11 +160,13 @@ class FitPool:
             res[:, nx:nx + ny].to(torch.float32).reshape(b, *y_shape).to(device).contiguous(),
             res[:, -1].to(device))
 
-    def _fit_all(self, counts: np.ndarray, flat: np.ndarray, nx: int, ny: int
-                 ) -> list[np.ndarray]:
-        """Leader: fit every member's problems; float64 [x, y, loss] rows per member."""
+    def _fit_all(self, sends: list[np.ndarray], nx: int, ny: int) -> list[np.ndarray]:
+        """Leader: fit every member's problems (rows of [u, x0, y0]); float64 [x, y,
+        loss] rows per member."""
+        width = self.d + nx + ny
+        counts = np.asarray([s.size // width for s in sends], dtype=np.int64)
         total = int(counts.sum())
-        rows = torch.from_numpy(flat.reshape(total, self.d + nx + ny))
+        rows = torch.from_numpy(np.concatenate(sends).reshape(total, width))
         x_shape, y_shape = self.shapes
         results = []
         if total:
@@ -130,23 +194,36 @@ def pooled(compressor) -> bool:
     return hasattr(getattr(compressor, "inner", compressor), "attach_pool")
 
 
-def open_pool(t, enabled: bool, gate: Gate, compressor, group, batch: int) -> FitPool | None:
+def split_pools(loads: dict[int, int], pools: int) -> dict[int, int]:
+    """member -> pool: longest-processing-time on the members' loads (training samples),
+    so the pools' slots train about as long as each other."""
+    heap = [(0, p) for p in range(pools)]
+    out = {}
+    for member in sorted(loads, key=lambda r: (-loads[r], r)):
+        load, p = heapq.heappop(heap)
+        out[member] = p
+        heapq.heappush(heap, (load + loads[member], p))
+    return out
+
+
+def open_pool(t, enabled: bool, gate: Gate, compressor, group, batch: int, load: int = 0
+              ) -> FitPool | None:
     """Setup-time, on every rank of the job: this rank's pool, or None.
 
     ``enabled``: ``run.pool_fits`` and a compressor that fits (3sfc, fedsynth). The
     members are the client ranks of this node behind one gate; its slots split them into
-    pools (member i of the gate's client ranks into pool i mod slots), and each pool's
-    ranks use only their own slot (:meth:`fedmpi.gate.Gate.pin`): a slot trains its
-    pool's clients one rank after another and then runs the leader's fit, the schedule
-    of one rank that owns all of them."""
+    pools (:func:`split_pools` on ``load``, the training samples each owns), and each
+    pool's ranks use only their own slot (:meth:`fedmpi.gate.Gate.pin`): a slot trains
+    its pool's clients one rank after another and then runs the leader's fit, the
+    schedule of one rank that owns all of them."""
     if not enabled:
         return None
     is_client = group is not None
-    info = t.node_allgather((gate.mask, is_client and gate.enabled))
-    members = [r for r, (m, on) in enumerate(info) if on and m == gate.mask]
+    info = t.node_allgather((gate.mask, is_client and gate.enabled, load))
+    members = [r for r, (m, on, _) in enumerate(info) if on and m == gate.mask]
     if t.local_rank in members:
-        first = next(r for r, (m, _) in enumerate(info) if m == gate.mask)
-        slot = members.index(t.local_rank) % len(gate.paths)
+        first = next(r for r, (m, _, _) in enumerate(info) if m == gate.mask)
+        slot = split_pools({r: info[r][2] for r in members}, len(gate.paths))[t.local_rank]
         color = first * len(info) + slot
     else:
         color = len(info) ** 2 + t.local_rank  # alone
@@ -154,7 +231,19 @@ def open_pool(t, enabled: bool, gate: Gate, compressor, group, batch: int) -> Fi
     if link.size < 2:
         return None
     gate.pin(slot)  # a pool's members and its leader's fit take turns on one slot
-    pool = FitPool(link, gate, batch)
+    # the doors' files: the leader creates them (and shuts door 0 of each) before the
+    # others open them; the names go once all have (the locks live on the open files)
+    base = f"{gate.base}-pool{color}"
+    paths = [[f"{base}-{kind}{i}" for i in range(2)] for kind in ("start", "done")]
+    doors = []
+    for step in (0, 1):
+        if link.leader == (step == 0):
+            doors = [Door(p, link.leader) for p in paths]
+        link.comm.Barrier()
+    if link.leader:
+        for p in paths[0] + paths[1]:
+            os.unlink(p)
+    pool = FitPool(link, gate, batch, *doors)
     inner = getattr(compressor, "inner", compressor)
     inner.attach_pool(pool, group.model, group.global_params)
     group.pool = pool

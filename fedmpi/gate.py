@@ -65,8 +65,10 @@ def slots_for(configured: int, cores: int, threads: int, sharing: int) -> int:
 class Gate:
     """The compute gate of one rank; :meth:`slot` is a context manager around its work."""
 
-    def __init__(self, paths: list[str], own: int, mask: tuple[int, ...] = ()):
+    def __init__(self, paths: list[str], own: int, mask: tuple[int, ...] = (),
+                 base: str = ""):
         self.paths = paths
+        self.base = base  #: node-local path prefix of this gate's files (fit pools add theirs)
         self.own = own
         self.mask = mask  #: the CPU affinity mask whose ranks share these slots
         self.pinned = -1  #: the only slot this rank uses (pin), or -1: any free one
@@ -141,7 +143,7 @@ def open_gate(configured: int, threads: int, job_key: str,
     own = sharing.index(node_rank)
     tag = f"{zlib.crc32(repr(mask).encode()):08x}"
     base = os.path.join(lock_dir(), f"fedmpi-gate-{job_key}-{socket.gethostname()}-{tag}")
-    opened = Gate([f"{base}-{i}" for i in range(n)], own, mask)
+    opened = Gate([f"{base}-{i}" for i in range(n)], own, mask, base)
     node_allgather(None)  # every rank of the node has its files open ...
     if own == 0:  # ... so the names can go: the locks live on the open files
         for p in opened.paths:

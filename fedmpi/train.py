@@ -183,7 +183,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         group.set_global(model.params)
     # oversubscribed node: the ranks behind one compute slot fit 3SFC samples together
     pool = open_pool(t, cfg.run.pool_fits and pooled(compressor), compute, compressor, group,
-                     compressor.batch_clients)
+                     compressor.batch_clients, sum(len(s) for s in shards.values()))
     if first:  # resume: server state on rank 0, client states to their (new) owners
         restore_run(t, saved, owners, model, down_link, estimator, group)
 
@@ -261,6 +261,8 @@ def run(args: argparse.Namespace, t: Transport) -> int:
                                    group.model)
             estimator.client_receive(estimator.parse(extra, rnd), rnd)
             group.time_train = group.time_encode = 0.0
+            if pool is not None:
+                pool.before_round()  # a pool member sleeps until its leader has trained
             with compute.slot():  # at most the node's cores worth of ranks compute at once
                 results = group.run_round(rnd, participants)
             record[:2] = group.time_train, group.time_encode
@@ -373,6 +375,8 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     per_rank = t.gather_object((usage.ru_maxrss / 1024.0, time.process_time() - cpu0,
                                 len(compute.paths), pool.size if pool else 0,
                                 pool.fitted if pool else 0))
+    if pool is not None:
+        pool.close()
     compute.close()
     if t.is_server:
         attrs = {"peak_rss_mb": np.asarray([r[0] for r in per_rank]),

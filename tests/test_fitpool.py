@@ -3,9 +3,15 @@ of them, bit-identically to fitting each on its own."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
+import time
+
 import numpy as np
 import pytest
 
+from fedmpi.fitpool import Door, split_pools
 from tests.conftest import SMALL, run_and_open
 
 SFC = [*SMALL, "--set", "compressor.name='3sfc'", "--set", "compressor.s_steps=2",
@@ -42,3 +48,49 @@ def test_pooled_run_equals_one_process(tmp_path):
     one = run_and_open(tmp_path, 1, args, name="one")
     assert list(pooled.attrs["fit_pool_size"]) == [0, 3, 3, 3]
     same(pooled, one)
+
+
+def test_split_pools_balances_training_load():
+    loads = {1: 2635, 2: 2108, 3: 1990, 4: 1767, 5: 1758, 6: 1713, 7: 120, 8: 0}
+    pools = split_pools(loads, 2)
+    totals = [sum(v for r, v in loads.items() if pools[r] == p) for p in (0, 1)]
+    assert sorted(set(pools.values())) == [0, 1]
+    assert abs(totals[0] - totals[1]) <= max(loads.values())  # the LPT bound
+    assert abs(totals[0] - totals[1]) < 200  # here: 6,115 vs 5,976
+    assert split_pools({4: 5, 9: 5}, 3) == {4: 0, 9: 1}  # ties by rank; a pool may be empty
+
+
+def _locked(path: str, kind: int) -> bool:
+    """Whether a fresh open file description of ``path`` is refused lock ``kind``."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_door_members_sleep_until_the_leader_opens_it(tmp_path):
+    """Door n is shut from setup (n = 0) or from the moment door n - 1 opens; a member
+    waiting on it returns only once the leader opens it; doors alternate by parity."""
+    paths = [str(tmp_path / "d0"), str(tmp_path / "d1")]
+    leader = Door(paths, leader=True)
+    member = Door(paths, leader=False)
+    assert _locked(paths[0], fcntl.LOCK_SH) and not _locked(paths[1], fcntl.LOCK_SH)
+    for n in range(3):
+        passed = []
+        waiter = threading.Thread(target=lambda n=n: (member.wait(n), passed.append(n)))
+        waiter.start()
+        time.sleep(0.1)
+        assert passed == [] and waiter.is_alive()  # asleep in flock, door n shut
+        leader.open(n)
+        waiter.join(5)
+        assert passed == [n]
+        assert not _locked(paths[n % 2], fcntl.LOCK_SH)  # door n open ...
+        assert _locked(paths[(n + 1) % 2], fcntl.LOCK_SH)  # ... door n + 1 shut
+    member.wait(2)  # an open door does not block
+    leader.close()
+    assert not _locked(paths[1], fcntl.LOCK_SH)  # a closed (or dead) leader shuts nothing
+    member.close()

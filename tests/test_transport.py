@@ -77,6 +77,34 @@ class SlowRequest:
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("wait", ["sleep", "block"])
+def test_node_pool_gathers_and_scatters_point_to_point(wait):
+    """A NodePool of the whole node: uneven (and empty) sends arrive at the leader in
+    member order although members send in reverse order, large ones included (above any
+    eager limit); each member gets its own result; ``posted`` runs once per rank after
+    its sends / receive are posted."""
+    import time
+
+    t = transport(wait)
+    pool = t.node_pool(0, t.local_rank)
+    me, size = pool.rank, pool.size
+    time.sleep(0.02 * (size - 1 - me))  # later members send first
+    n_of = [(0 if r % 3 == 1 else 50_000 * (r + 1)) for r in range(size)]
+    got = pool.gather(np.full(n_of[me], me + 0.5, dtype=np.float32))
+    posted = []
+    parts = ([np.arange(r + 2, dtype=np.float64) * (r + 1) for r in range(size)]
+             if pool.leader else None)
+    out = pool.scatter(parts, me + 2, lambda: posted.append(me))
+    assert posted == [me]
+    assert np.array_equal(out, np.arange(me + 2) * (me + 1.0))
+    if pool.leader:
+        assert [g.size for g in got] == n_of
+        assert all(bool((g == r + 0.5).all()) for r, g in enumerate(got))
+    else:
+        assert got is None
+
+
+@pytest.mark.mpi
 def test_long_waits_poll_rarely_and_return_promptly():
     """A 1.2 s wait polls far less than every poll_max (0.5 ms: ~2,400 polls; ~700 with
     the long-wait back-off to 0.5% of the time waited); it still returns within ~10 ms."""
