@@ -81,7 +81,8 @@ def test_door_members_sleep_until_the_leader_opens_it(tmp_path):
     assert _locked(paths[0], fcntl.LOCK_SH) and not _locked(paths[1], fcntl.LOCK_SH)
     for n in range(3):
         passed = []
-        waiter = threading.Thread(target=lambda n=n: (member.wait(n), passed.append(n)))
+        waiter = threading.Thread(target=lambda n=n, passed=passed: (member.wait(n),
+                                                                     passed.append(n)))
         waiter.start()
         time.sleep(0.1)
         assert passed == [] and waiter.is_alive()  # asleep in flock, door n shut
