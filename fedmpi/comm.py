@@ -298,13 +298,13 @@ class NodePool:
         """The leader's float64 ``parts[i]`` to member i; ``size`` floats arrive here.
         ``posted`` runs once this rank's sends / receive are posted, before it waits."""
         if self.leader:
-            reqs = [self.comm.Isend([np.ascontiguousarray(parts[i], dtype=np.float64),
-                                     MPI.DOUBLE], dest=i, tag=POOL_SCATTER)
-                    for i in range(1, self.size)]
+            sends = [np.ascontiguousarray(p, dtype=np.float64) for p in parts]  # alive
+            reqs = [self.comm.Isend([sends[i], MPI.DOUBLE], dest=i, tag=POOL_SCATTER)
+                    for i in range(1, self.size)]  # until the sends complete
             posted()
             self.t._timed(lambda: MPI.Request.Waitall(reqs) if self.t.wait_mode == "block"
                           else self.t._poll(lambda: MPI.Request.Testall(reqs)))
-            return np.ascontiguousarray(parts[0], dtype=np.float64)
+            return sends[0]
         out = np.empty(size, dtype=np.float64)
         req = self.comm.Irecv([out, MPI.DOUBLE], source=0, tag=POOL_SCATTER)
         posted()
