@@ -43,6 +43,12 @@ class Shard:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    def take(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at ``idx`` (storage dtype). ``index_select``, not ``x[index]``: the
+        same rows in a third of advanced indexing's time."""
+        index = torch.from_numpy(idx).to(self.x.device)
+        return self.x.index_select(0, index), self.y.index_select(0, index)
+
 
 @dataclass
 class ClientState:
@@ -128,10 +134,8 @@ class ClientGroup:
         est = self.estimator
         est.begin_client(cid, state, self.global_params, round_, lr=lr, steps=len(batches))
         for k, idx in enumerate(batches):
-            # index_select, not x[index]: the same rows, a third of advanced indexing's time
-            index = torch.from_numpy(idx).to(shard.x.device)
-            xb = self.normalize(augment(shard.x.index_select(0, index)))
-            yb = shard.y.index_select(0, index)
+            raw, yb = shard.take(idx)
+            xb = self.normalize(augment(raw))
             eps = est.perturbation(model, xb, yb, k)
             if eps is not None:
                 params.add_(eps)  # the gradient is taken at the perturbed point w + eps
@@ -189,10 +193,9 @@ class ClientGroup:
             for k in range(steps):
                 xs, ys = [], []
                 for cid, augment in zip(group, augments, strict=True):
-                    shard = self.shards[cid]
-                    index = torch.from_numpy(schedules[cid][k]).to(shard.x.device)
-                    xs.append(self.normalize(augment(shard.x.index_select(0, index))))
-                    ys.append(shard.y.index_select(0, index))
+                    x, y = self.shards[cid].take(schedules[cid][k])
+                    xs.append(self.normalize(augment(x)))
+                    ys.append(y)
                 g, loss = step_fn(w, torch.stack(xs), torch.stack(ys))
                 loss_sum += loss.detach()
                 if c.grad_clip > 0:

@@ -308,17 +308,18 @@ class Layers:
         p = torch.softmax(h, dim=-1)
         s = y.sum(-1, keepdim=True)
         e = (p * s - y) / m
-        es, vs, ks = [None] * n_layers, [None] * n_layers, [None] * n_layers
+        # per layer, kept for the backward pass: e_l, v_l, K_l, E_l, gb_l
+        es, vs, ks, ee, gbs = ([None] * n_layers for _ in range(5))
         gu = gg = None
         for i in range(n_layers - 1, -1, -1):
             uw, ub = ul[i]
             v = torch.baddbmm(ub[:, None, :].expand(-1, m, -1), a[i], uw.transpose(1, 2))
             gb = e.sum(1, keepdim=True)
             k = torch.bmm(a[i], a[i].transpose(1, 2))
-            terms = ((e * v).sum((1, 2)),
-                     (torch.bmm(e, e.transpose(1, 2)) * k).sum((1, 2)) + (gb * gb).sum((1, 2)))
+            e_outer = torch.bmm(e, e.transpose(1, 2))
+            terms = ((e * v).sum((1, 2)), (e_outer * k).sum((1, 2)) + (gb * gb).sum((1, 2)))
             gu, gg = terms if gu is None else (gu + terms[0], gg + terms[1])
-            es[i], vs[i], ks[i] = e, v, k
+            es[i], vs[i], ks[i], ee[i], gbs[i] = e, v, k, e_outer, gb
             if i:
                 e = torch.ops.aten.threshold_backward(
                     torch.bmm(e, wl[i][0].expand(b, -1, -1)), a[i], 0)
@@ -336,7 +337,7 @@ class Layers:
         de = None
         for i in range(n_layers):
             e = es[i]
-            own = (d_gu * vs[i] + two_gg * (torch.bmm(ks[i], e) + e.sum(1, keepdim=True)))
+            own = (d_gu * vs[i] + two_gg * (torch.bmm(ks[i], e) + gbs[i]))
             de = own if de is None else own + torch.bmm(
                 torch.ops.aten.threshold_backward(de, a[i], 0), wl[i][0].t().expand(b, -1, -1))
         # e_L = (p s - Y) / M
@@ -350,7 +351,7 @@ class Layers:
             e = es[i]
             uw = ul[i][0]
             da = torch.bmm(dh, wl[i][0].expand(b, -1, -1)) + d_gu * torch.bmm(e, uw) \
-                + two_gg * torch.bmm(torch.bmm(e, e.transpose(1, 2)), a[i])
+                + two_gg * torch.bmm(ee[i], a[i])
             if i:
                 dh = torch.ops.aten.threshold_backward(da, a[i], 0)
             else:
