@@ -264,34 +264,47 @@ class NodePool:
     def _run(self, req: MPI.Request) -> None:
         self.t._timed(lambda: self.t._wait(req))
 
-    def gather(self, send: np.ndarray) -> list[np.ndarray] | None:
+    def gather(self, send: np.ndarray,
+               consume: Callable[[int, np.ndarray], None] | None = None
+               ) -> list[np.ndarray] | None:
         """Every member's float32 ``send`` (any length, 0 included) at the leader, in
         member order; None on the others. The leader receives the messages in the order
         they arrive (matched probe), so a member's send completes as soon as the leader
-        next polls, not when the last member arrives."""
+        next polls, not when the last member arrives. With ``consume``, the leader hands
+        each message to ``consume(member, array)`` as it arrives (its own first) and keeps
+        none of them (it returns None): one message at a time is held, not the pool's."""
         assert send.dtype == np.float32
         if not self.leader:
             self._run(self.comm.Isend([send, MPI.FLOAT], dest=0, tag=POOL_GATHER))
             return None
         parts: list[np.ndarray | None] = [send] + [None] * (self.size - 1)
+        arrived = [True] + [False] * (self.size - 1)
+        if consume is not None:
+            consume(0, send)
+            parts[0] = None
         status = MPI.Status()
 
         def receive(msg: MPI.Message) -> None:
             buf = np.empty(status.Get_count(MPI.FLOAT), dtype=np.float32)
             msg.Recv([buf, MPI.FLOAT])
-            parts[status.Get_source()] = buf
+            source = status.Get_source()
+            arrived[source] = True
+            if consume is None:
+                parts[source] = buf
+            else:
+                consume(source, buf)
 
         def take() -> bool:
             while (msg := self.comm.Improbe(MPI.ANY_SOURCE, POOL_GATHER, status)) is not None:
                 receive(msg)
-            return all(p is not None for p in parts)
+            return all(arrived)
 
         def blocking() -> None:
             for _ in range(self.size - 1):
                 receive(self.comm.Mprobe(MPI.ANY_SOURCE, POOL_GATHER, status))
 
         self.t._timed(blocking if self.t.wait_mode == "block" else lambda: self.t._poll(take))
-        return parts
+        return parts if consume is None else None
 
     def scatter(self, parts: list[np.ndarray] | None, size: int,
                 posted: Callable[[], None] = lambda: None) -> np.ndarray:

@@ -111,6 +111,23 @@ class ArrayDataset:
     def subset(self, idx: np.ndarray) -> ArrayDataset:
         return ArrayDataset(self.x[idx], self.y[idx])
 
+    def compact(self, idx: np.ndarray, chunk: int = 4096) -> ArrayDataset:
+        """The rows ``idx`` (strictly increasing) moved to the front of this dataset's own
+        arrays, chunk by chunk, and returned as views of them: no second copy of the data
+        (rank 0's peak at load). This dataset's rows are overwritten. Read-only arrays are
+        copied instead (:meth:`subset`)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise ValueError("compact needs strictly increasing indices")
+        if not (self.x.flags.writeable and self.y.flags.writeable):
+            return self.subset(idx)
+        # row i comes from idx[i] >= i, and rows >= lo are not written before chunk lo
+        for lo in range(0, len(idx), chunk):
+            rows = idx[lo:lo + chunk]
+            self.x[lo:lo + len(rows)] = self.x[rows]
+            self.y[lo:lo + len(rows)] = self.y[rows]
+        return ArrayDataset(self.x[:len(idx)], self.y[:len(idx)])
+
 
 @dataclass
 class LoadedData:
@@ -385,14 +402,21 @@ def read_cifar_batches(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Pickled CIFAR batches (python version) as (N, 3, 32, 32) uint8 images and int64
     labels (``labels``, or CIFAR-100's ``fine_labels``), in file order: torchvision's
     ``CIFAR10`` arrays, without its channels-last transpose."""
-    xs, ys = [], []
+    x = np.zeros((0, 3 * 32 * 32), dtype=np.uint8)
+    ys = []
     for path in paths:
         with open(path, "rb") as fh:
             entry = pickle.load(fh, encoding="latin1")
-        xs.append(np.asarray(entry["data"], dtype=np.uint8))
+        batch = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3 * 32 * 32)
         ys.append(np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"],
                              dtype=np.int64))
-    return np.vstack(xs).reshape(-1, 3, 32, 32), np.concatenate(ys)
+        del entry
+        n = len(x)
+        # grown in place (realloc, mremap for large arrays): the batches are never held
+        # twice, as a list and its concatenation
+        x.resize((n + len(batch), x.shape[1]), refcheck=False)
+        x[n:] = batch
+    return x.reshape(-1, 3, 32, 32), np.concatenate(ys)
 
 
 def _checked(x: np.ndarray, y: np.ndarray, info: DatasetInfo, folder: str,
@@ -427,7 +451,7 @@ def _load_idx(cfg: DataConfig, info: DatasetInfo, cls_name: str, split: str | No
     if cfg.download and _missing(folder, files):
         _download(cls_name, root, folder, files, **kwargs)
     out = []
-    for i, name in enumerate(("train", "test")):
+    for i, name in enumerate(_splits(cfg)):
         try:
             x = read_idx(os.path.join(folder, files[2 * i]), 3)[:, None]
             y = read_idx(os.path.join(folder, files[2 * i + 1]), 1).astype(np.int64)
@@ -436,7 +460,18 @@ def _load_idx(cfg: DataConfig, info: DatasetInfo, cls_name: str, split: str | No
         if split == "letters":
             y = y - 1  # the files' labels are 1..26 (torchvision's class 0 is "N/A")
         out.append(_checked(x, y, info, folder, name))
-    return LoadedData(info, out[0], out[1])
+    return LoadedData(info, out[0], out[1] if len(out) > 1 else _empty(info))
+
+
+def _splits(cfg: DataConfig) -> tuple[str, ...]:
+    """The files' splits to read: not the test split when ``train_frac`` < 1 (the test
+    set is then held out of the train split; its files must exist but are not read)."""
+    return ("train", "test") if cfg.train_frac >= 1.0 else ("train",)
+
+
+def _empty(info: DatasetInfo) -> ArrayDataset:
+    return ArrayDataset(np.zeros((0, *info.input_shape), dtype=np.uint8),
+                        np.zeros(0, dtype=np.int64))
 
 
 def _load_cifar(cfg: DataConfig, info: DatasetInfo, cls_name: str) -> LoadedData:
@@ -460,13 +495,14 @@ def _load_cifar(cfg: DataConfig, info: DatasetInfo, cls_name: str) -> LoadedData
                         f"the official archive (md5 mismatch: {', '.join(bad)}); replace "
                         "them, or set data.check_md5 = false to accept re-packed files")
     out = []
-    for name, entries in (("train", spec.train), ("test", spec.test)):
+    splits = (("train", spec.train), ("test", spec.test))[:len(_splits(cfg))]
+    for name, entries in splits:
         try:
             x, y = read_cifar_batches([os.path.join(folder, f) for f, _ in entries])
         except Exception as exc:  # unpickling raises anything: corrupt or foreign files
             raise _unreadable(cls_name, folder, files, exc) from None
         out.append(_checked(x, y, info, folder, name))
-    return LoadedData(info, out[0], out[1])
+    return LoadedData(info, out[0], out[1] if len(out) > 1 else _empty(info))
 
 
 def _load_mnist(cfg: DataConfig, seed: int) -> LoadedData:
@@ -514,7 +550,9 @@ def info(cfg: DataConfig) -> DatasetInfo:
 
 def resplit(loaded: LoadedData, cfg: DataConfig, seed: int) -> LoadedData:
     """Apply ``train_frac`` (test = held-out share of the train split) and the
-    ``max_train`` / ``max_test`` caps, from the stream ``[seed, TAG_SPLIT]``."""
+    ``max_train`` / ``max_test`` caps, from the stream ``[seed, TAG_SPLIT]``. The kept
+    rows are moved within ``loaded``'s arrays (:meth:`ArrayDataset.compact`): ``loaded``
+    is consumed."""
     if cfg.train_frac >= 1.0 and not cfg.max_train and not cfg.max_test:
         return loaded
     rng = np.random.default_rng([seed, TAG_SPLIT])
@@ -531,12 +569,13 @@ def resplit(loaded: LoadedData, cfg: DataConfig, seed: int) -> LoadedData:
             train_idx = train_idx[:cfg.max_train]
         if cfg.max_test:
             test_idx = test_idx[:cfg.max_test]
-        train, test = train.subset(np.sort(train_idx)), train.subset(np.sort(test_idx))
+        test = train.subset(np.sort(test_idx))
+        train = train.compact(np.sort(train_idx))  # in place: one copy of the data at most
     else:
         if cfg.max_train and cfg.max_train < len(train):
-            train = train.subset(np.sort(rng.permutation(len(train))[:cfg.max_train]))
+            train = train.compact(np.sort(rng.permutation(len(train))[:cfg.max_train]))
         if cfg.max_test and cfg.max_test < len(test):
-            test = test.subset(np.sort(rng.permutation(len(test))[:cfg.max_test]))
+            test = test.compact(np.sort(rng.permutation(len(test))[:cfg.max_test]))
     return LoadedData(loaded.info, train, test, loaded.natural)
 
 

@@ -87,7 +87,8 @@ class FitPool:
     """One rank's side of a pool (``link``: a :class:`fedmpi.comm.NodePool`; ``start``
     and ``done``: its :class:`Door` s)."""
 
-    def __init__(self, link, gate: Gate, batch: int, start: Door, done: Door):
+    def __init__(self, link, gate: Gate, batch: int, start: Door, done: Door,
+                 capacity: int = 0):
         self.link = link
         self.gate = gate
         self.start = start
@@ -99,6 +100,12 @@ class FitPool:
         self.d = 0
         self.joined = -1  # the last round this rank joined
         self.fitted = 0  # problems this rank fitted for the pool (leader)
+        # leader: the round's problems, in arrival order, in buffers kept across rounds
+        # (``capacity`` rows to start with: the pool's clients; grown if ever short)
+        self.capacity = max(0, capacity)
+        self._targets: torch.Tensor | None = None  # (rows, d) float32
+        self._starts: torch.Tensor | None = None  # (rows, nx + ny) float32
+        self._arrived: list[tuple[int, int, int]] = []  # (member, first row, rows)
 
     @property
     def size(self) -> int:
@@ -145,10 +152,15 @@ class FitPool:
         held = self.gate.held >= 0
         self.gate.release()
         leader = self.link.leader
+        send = np.ascontiguousarray(send, dtype=np.float32)
+        parts = None
         if leader:
             self.start.open(n)  # members may train now: the leader is receiving
-        got = self.link.gather(np.ascontiguousarray(send, dtype=np.float32))
-        parts = self._fit_all(got, nx, ny) if leader else None
+            self._arrived = []
+            self.link.gather(send, self._take)
+            parts = self._fit_all(nx, ny)
+        else:
+            self.link.gather(send)
         door = (lambda: self.done.open(n)) if leader else (lambda: self.done.wait(n))
         out = self.link.scatter(parts, b * (nx + ny + 1), door).reshape(b, nx + ny + 1)
         if held:
@@ -160,33 +172,51 @@ class FitPool:
             res[:, nx:nx + ny].to(torch.float32).reshape(b, *y_shape).to(device).contiguous(),
             res[:, -1].to(device))
 
-    def _fit_all(self, sends: list[np.ndarray], nx: int, ny: int) -> list[np.ndarray]:
-        """Leader: fit every member's problems (rows of [u, x0, y0]); float64 [x, y,
-        loss] rows per member."""
-        width = self.d + nx + ny
-        counts = np.asarray([s.size // width for s in sends], dtype=np.int64)
-        total = int(counts.sum())
-        rows = torch.from_numpy(np.concatenate(sends).reshape(total, width))
+    def _take(self, member: int, buf: np.ndarray) -> None:
+        """Leader: file one member's rows [u, x0, y0] (as they arrive) into the buffers."""
         x_shape, y_shape = self.shapes
-        results = []
+        rows = torch.from_numpy(buf).view(-1, self.d + math.prod(x_shape) + math.prod(y_shape))
+        lo = sum(k for _, _, k in self._arrived)
+        hi = lo + rows.shape[0]
+        if self._targets is None or self._targets.shape[0] < hi:
+            self._grow(hi, lo, rows.shape[1] - self.d)
+        self._targets[lo:hi] = rows[:, :self.d]
+        self._starts[lo:hi] = rows[:, self.d:]
+        self._arrived.append((member, lo, hi - lo))
+
+    def _grow(self, rows: int, keep: int, width: int) -> None:
+        n = max(rows, self.capacity, 2 * (0 if self._targets is None else len(self._targets)))
+        targets, starts = torch.empty((n, self.d)), torch.empty((n, width))
+        if keep:
+            targets[:keep] = self._targets[:keep]
+            starts[:keep] = self._starts[:keep]
+        self._targets, self._starts = targets, starts
+
+    def _fit_all(self, nx: int, ny: int) -> list[np.ndarray]:
+        """Leader: fit the round's problems (in arrival order, in equal chunks of at most
+        ``batch``); float64 [x, y, loss] rows per member, in member order."""
+        total = sum(k for _, _, k in self._arrived)
+        x_shape, y_shape = self.shapes
+        table = np.zeros((total, nx + ny + 1), dtype=np.float64)
         if total:
+            out = torch.from_numpy(table)
             self.gate.acquire()
             try:
                 for lo, hi in equal_chunks(total, self.batch):
-                    chunk = rows[lo:hi]
-                    fit = self.solver(chunk[:, :self.d].clone(),
-                                      chunk[:, self.d:self.d + nx].reshape(-1, *x_shape).clone(),
-                                      chunk[:, self.d + nx:].reshape(-1, *y_shape).clone())
-                    results.append(torch.cat([fit.x.reshape(hi - lo, nx).double().cpu(),
-                                              fit.y.reshape(hi - lo, ny).double().cpu(),
-                                              fit.loss.double().cpu()[:, None]], 1))
+                    starts = self._starts[lo:hi]
+                    fit = self.solver(self._targets[lo:hi],
+                                      starts[:, :nx].reshape(-1, *x_shape).clone(),
+                                      starts[:, nx:].reshape(-1, *y_shape).clone())
+                    out[lo:hi, :nx] = fit.x.reshape(hi - lo, nx).cpu()
+                    out[lo:hi, nx:nx + ny] = fit.y.reshape(hi - lo, ny).cpu()
+                    out[lo:hi, -1] = fit.loss.cpu()
             finally:
                 self.gate.release()
             self.fitted += total
-        table = (torch.cat(results).numpy() if results
-                 else np.zeros((0, nx + ny + 1), dtype=np.float64))
-        ends = np.cumsum(counts)
-        return [table[e - c:e].reshape(-1) for c, e in zip(counts, ends, strict=True)]
+        parts: list[np.ndarray] = [np.zeros(0)] * self.size
+        for member, lo, k in self._arrived:
+            parts[member] = table[lo:lo + k].reshape(-1)
+        return parts
 
 
 def pooled(compressor) -> bool:
@@ -206,8 +236,8 @@ def split_pools(loads: dict[int, int], pools: int) -> dict[int, int]:
     return out
 
 
-def open_pool(t, enabled: bool, gate: Gate, compressor, group, batch: int, load: int = 0
-              ) -> FitPool | None:
+def open_pool(t, enabled: bool, gate: Gate, compressor, group, batch: int, load: int = 0,
+              clients: int = 0) -> FitPool | None:
     """Setup-time, on every rank of the job: this rank's pool, or None.
 
     ``enabled``: ``run.pool_fits`` and a compressor that fits (3sfc, fedsynth). The
@@ -215,15 +245,19 @@ def open_pool(t, enabled: bool, gate: Gate, compressor, group, batch: int, load:
     pools (:func:`split_pools` on ``load``, the training samples each owns), and each
     pool's ranks use only their own slot (:meth:`fedmpi.gate.Gate.pin`): a slot trains
     its pool's clients one rank after another and then runs the leader's fit, the
-    schedule of one rank that owns all of them."""
+    schedule of one rank that owns all of them. ``clients``: the clients this rank owns
+    (the leader sizes its buffers for the pool's total)."""
     if not enabled:
         return None
     is_client = group is not None
-    info = t.node_allgather((gate.mask, is_client and gate.enabled, load))
-    members = [r for r, (m, on, _) in enumerate(info) if on and m == gate.mask]
+    info = t.node_allgather((gate.mask, is_client and gate.enabled, load, clients))
+    members = [r for r, (m, on, _, _) in enumerate(info) if on and m == gate.mask]
+    capacity = 0
     if t.local_rank in members:
-        first = next(r for r, (m, _, _) in enumerate(info) if m == gate.mask)
-        slot = split_pools({r: info[r][2] for r in members}, len(gate.paths))[t.local_rank]
+        first = next(r for r, (m, *_) in enumerate(info) if m == gate.mask)
+        pools = split_pools({r: info[r][2] for r in members}, len(gate.paths))
+        slot = pools[t.local_rank]
+        capacity = sum(info[r][3] for r in members if pools[r] == slot)
         color = first * len(info) + slot
     else:
         color = len(info) ** 2 + t.local_rank  # alone
@@ -243,7 +277,7 @@ def open_pool(t, enabled: bool, gate: Gate, compressor, group, batch: int, load:
     if link.leader:
         for p in paths[0] + paths[1]:
             os.unlink(p)
-    pool = FitPool(link, gate, batch, *doors)
+    pool = FitPool(link, gate, batch, *doors, capacity=capacity if link.leader else 0)
     inner = getattr(compressor, "inner", compressor)
     inner.attach_pool(pool, group.model, group.global_params)
     group.pool = pool

@@ -183,7 +183,8 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         group.set_global(model.params)
     # oversubscribed node: the ranks behind one compute slot fit 3SFC samples together
     pool = open_pool(t, cfg.run.pool_fits and pooled(compressor), compute, compressor, group,
-                     compressor.batch_clients, sum(len(s) for s in shards.values()))
+                     compressor.batch_clients, sum(len(s) for s in shards.values()),
+                     len(shards))
     if first:  # resume: server state on rank 0, client states to their (new) owners
         restore_run(t, saved, owners, model, down_link, estimator, group)
 

@@ -6,6 +6,7 @@ right ratios, and ``--quick`` runs end to end. Nothing here asserts a timing."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmpi import config, data, metrics
+from fedmpi import config, data, launch, metrics
 from fedmpi.bench import __main__ as dispatcher
 from fedmpi.bench import perf
 from fedmpi.bench import reference3sfc as ref3
@@ -104,6 +105,7 @@ def test_run_stats_leave_out_round_0_and_sum_rank_rss():
     assert st.outside == pytest.approx((5.0 - 3.5 - 0.75 - 0.1 - 0.3) / 5.0)
     assert st.samples == 2 * 10  # epochs x all clients' samples
     assert sum(st.peak_rss_mb) == pytest.approx(810.5)
+    assert st.train_samples == 10  # the partition's samples: the floor run's share
     assert st.test_acc == pytest.approx([0.1, 0.5, 0.9])
     assert st.acc_after(2) == pytest.approx(0.5) and np.isnan(st.acc_after(4))
 
@@ -166,9 +168,47 @@ def test_table_prints_every_line_with_its_ratio():
     assert re.search(r"summed over the 41 ranks\s+13,000", out)
     assert re.search(r"41 x bare `python -c \"import torch\"` \(300\)\s+12,300", out)
     assert re.search(r"budget: 41 x bare \+ 1 GiB\s+13,324\s+met", out)
+    assert "floor" not in out  # no floor run: no floor lines
     assert "/ time_round: 4.0%   (target < 5%: met)" in out  # (2.5 - 2.4) / 2.5
     assert "below 0" not in out
     assert "--set data.dataset=mnist" in out
+
+
+def test_table_prints_the_memory_floor_and_fedmpi_over_it():
+    out = perf.render(results(floor_init=[310.0] * 41, floor_trained=[315.0] * 41))
+    # 41 x 310 = 12,710: +10 per rank over bare torch (300)
+    assert re.search(r"floor, 41 ranks: import torch \+ MPI init\s+12,710   \+10\.0 MiB per "
+                     r"rank over bare torch", out)
+    # 41 x 315 = 12,915; budget 13,324 - 12,915 = +409
+    assert re.search(r"floor, 41 ranks: \+ a bare hand-written MLP SGD loop\s+12,915   "
+                     r"\+5\.0 MiB per rank; budget - floor = \+409", out)
+    assert re.search(r"fedmpi over that floor\s+\+85   \+2\.1 MiB per rank", out)  # 13,000
+
+
+def test_floor_ranks_report_their_peak_rss_before_and_after_training():
+    """fedmpi.bench.floor at -n 2 (a real launch): one JSON row per rank; training only
+    adds to the peak; an MPI rank with torch holds more than a bare torch import."""
+    import json
+    cmd = launch.command(2, "fedmpi.bench.floor", ["--dims", "20,8,3", "--samples", "50",
+                                                    "--steps", "5", "--batch", "16"])
+    env = launch.environment()
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                          cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(got["init"]) == len(got["trained"]) == 2
+    bare = perf.child_peak_rss_mb("import torch", repeat=1)
+    for init, trained in zip(got["init"], got["trained"], strict=True):
+        assert trained >= init > 0.9 * bare
+
+
+def test_floor_loop_trains():
+    """The floor's hand-written loop is a real SGD loop: it fits 16 random samples."""
+    from fedmpi.bench import floor
+    first = floor.train([20, 16, 3], 16, 1, 16, seed=0, lr=0.5)
+    later = floor.train([20, 16, 3], 16, 500, 16, seed=0, lr=0.5)
+    assert later < 0.5 * first
 
 
 def test_table_reports_missed_targets():
@@ -277,6 +317,7 @@ def test_quick_mode_prints_every_line(tiny_root):
     assert re.search(r"^   -n 4 / -n 3: \d+\.\d\dx", out, re.M)
     assert re.search(r"summed over the 4 ranks\s+[\d,]+", out)
     assert re.search(r"budget: 4 x bare \+ 1 GiB", out)
+    assert re.search(r"floor, 4 ranks: \+ a bare hand-written MLP SGD loop\s+[\d,]+", out)
     assert re.search(r"/ time_round: -?\d+\.\d%", out)
     assert "fedmpi -n 3 " in out and "fedmpi -n 2 run.server_trains=true" in out
     assert "--set data.num_clients=4" in out

@@ -281,6 +281,42 @@ def test_max_train_and_max_test(gen):
     assert len(b.train) == 40 and len(b.test) == 20 and not _rows(b.train.x) & _rows(b.test.x)
 
 
+def test_held_out_test_sets_do_not_read_the_test_files(tmp_path, gen):
+    """With train_frac < 1 the test set comes from the train split: the official test
+    files must exist but are not read (rank 0 never holds them); with 1 they are."""
+    _, raw = _write_mnist(tmp_path)
+    path = raw / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:1000])
+    held = data.load(cfg_for(tmp_path, "mnist", "data.train_frac=0.5"))
+    assert len(held.train) == 20 and len(held.test) == 20
+    with pytest.raises(DataError, match=str(raw)):
+        data.load(cfg_for(tmp_path, "mnist"))
+    path.unlink()
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte"):  # still required
+        data.load(cfg_for(tmp_path, "mnist", "data.train_frac=0.5"))
+
+
+def test_compact_moves_the_kept_rows_into_the_datasets_own_arrays():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (10_000, 3, 4), dtype=np.uint8)
+    y = rng.integers(0, 10, 10_000)
+    ds = data.ArrayDataset(x.copy(), y.copy())
+    for idx in (np.sort(rng.choice(10_000, 7_001, replace=False)), np.arange(3, 10_000),
+                np.arange(0), np.asarray([9_999])):
+        ds = data.ArrayDataset(x.copy(), y.copy())
+        out = ds.compact(idx, chunk=1000)  # several chunks
+        np.testing.assert_array_equal(out.x, x[idx])
+        np.testing.assert_array_equal(out.y, y[idx])
+        assert not idx.size or (np.shares_memory(out.x, ds.x) and np.shares_memory(out.y, ds.y))
+    with pytest.raises(ValueError, match="increasing"):
+        ds.compact(np.asarray([4, 2]))
+    frozen = data.ArrayDataset(x.copy(), y.copy())
+    frozen.x.flags.writeable = False
+    out = frozen.compact(np.asarray([1, 5]))  # a read-only dataset is copied, not written
+    np.testing.assert_array_equal(out.x, x[[1, 5]])
+    np.testing.assert_array_equal(frozen.x, x)
+
+
 def test_train_frac_leaving_nothing_is_a_data_error(gen):
     root, _ = gen
     with pytest.raises(DataError, match="train_frac"):

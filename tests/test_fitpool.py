@@ -95,3 +95,82 @@ def test_door_members_sleep_until_the_leader_opens_it(tmp_path):
     leader.close()
     assert not _locked(paths[1], fcntl.LOCK_SH)  # a closed (or dead) leader shuts nothing
     member.close()
+
+
+class _Link:
+    """An in-process leader's side of a NodePool: the members' sends arrive in ``order``."""
+
+    leader = True
+
+    def __init__(self, sends: dict[int, np.ndarray], order: list[int]):
+        self.sends, self.order = sends, order
+        self.size = len(sends) + 1
+        self.parts = None
+
+    def gather(self, send, consume=None):
+        assert consume is not None  # the leader never keeps the pool's messages
+        consume(0, send)
+        for m in self.order:
+            consume(m, self.sends[m])
+
+    def scatter(self, parts, size, posted):
+        self.parts = parts
+        posted()
+        return parts[0]
+
+
+class _Gate:
+    held = -1
+
+    def acquire(self):
+        pass
+
+    def release(self):
+        pass
+
+
+class _Door:
+    def open(self, n):
+        pass
+
+
+@pytest.mark.parametrize("capacity, batch", [(6, 8), (1, 2), (0, 1)])
+def test_leader_files_problems_in_arrival_order_and_answers_each_member(capacity, batch):
+    """The leader files every message's rows into its buffers as it arrives (growing them
+    when ``capacity`` is short, keeping the rows filed so far), fits them in chunks of
+    ``batch``, and answers member m with exactly its own problems' rows, in its order;
+    the buffers are reused the next round."""
+    import torch
+
+    from fedmpi import synth
+    from fedmpi.fitpool import FitPool
+
+    d, xs, ys = 5, (2,), (3,)
+    width = d + 2 + 3
+    calls = []
+
+    def solver(targets, x0, y0):  # problem-wise: x = x0 + sum(u), y = y0 * 2, loss = u[0]
+        calls.append(len(targets))
+        assert targets.is_contiguous() and targets.shape[1] == d
+        return synth.FitResult(x0 + targets.sum(1, keepdim=True), y0 * 2,
+                               targets[:, 0].double())
+
+    rng = np.random.default_rng(0)
+    rows = {m: rng.normal(size=(k, width)).astype(np.float32) for m, k in
+            [(0, 1), (1, 2), (2, 0), (3, 3)]}
+    link = _Link({m: rows[m].reshape(-1) for m in (1, 2, 3)}, [3, 2, 1])
+    pool = FitPool(link, _Gate(), batch, _Door(), _Door(), capacity=capacity)
+    pool.bind(solver, d, xs, ys)
+    for rnd in range(2):
+        mine = torch.from_numpy(rows[0])
+        got = pool.fit(rnd, mine[:, :d], mine[:, d:d + 2], mine[:, d + 2:])
+        for m in range(4):
+            u = torch.from_numpy(rows[m]).double()
+            expect = torch.cat([u[:, d:d + 2] + u[:, :d].sum(1, keepdim=True),
+                                u[:, d + 2:] * 2, u[:, :1]], 1)
+            part = torch.from_numpy(pool.link.parts[m]).reshape(-1, 2 + 3 + 1)
+            assert torch.allclose(part, expect, atol=1e-5), (rnd, m)
+        assert torch.allclose(got.x, mine[:, d:d + 2] + mine[:, :d].sum(1, keepdim=True))
+        assert len(pool._targets) >= 6
+    assert sum(calls) == 12 and max(calls) <= batch
+    assert pool.fitted == 12

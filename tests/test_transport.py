@@ -105,6 +105,33 @@ def test_node_pool_gathers_and_scatters_point_to_point(wait):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("wait", ["sleep", "block"])
+def test_node_pool_gather_hands_messages_to_a_consumer_as_they_arrive(wait):
+    """gather(send, consume): the leader's own send first, then every member's exactly
+    once, in arrival order (later members send first here), empty ones included; the
+    leader keeps none of them (it returns None), nor does any other rank."""
+    import time
+
+    t = transport(wait)
+    pool = t.node_pool(0, t.local_rank)
+    me, size = pool.rank, pool.size
+    time.sleep(0.05 * (size - 1 - me))
+    n_of = [(0 if r % 3 == 1 else 40_000 * (r + 1)) for r in range(size)]
+    seen = []
+    got = pool.gather(np.full(n_of[me], me + 0.5, dtype=np.float32),
+                      lambda member, buf: seen.append((member, buf.size, float(buf.sum()))))
+    assert got is None
+    if pool.leader:
+        assert sorted(m for m, _, _ in seen) == list(range(size))
+        assert seen[0][0] == 0
+        assert all(n == n_of[m] and total == pytest.approx(n * (m + 0.5))
+                   for m, n, total in seen)
+    else:
+        assert seen == []
+    assert t.agree(True)
+
+
+@pytest.mark.mpi
 def test_long_waits_poll_rarely_and_return_promptly():
     """A 1.2 s wait polls far less than every poll_max (0.5 ms: ~2,400 polls; ~700 with
     the long-wait back-off to 0.5% of the time waited); it still returns within ~10 ms."""
@@ -184,9 +211,10 @@ def test_transport_at_several_sizes(n):
 
 @pytest.mark.mpi_skip
 def test_only_comm_imports_mpi4py():
-    """comm.py is the only fedmpi module that imports mpi4py."""
+    """comm.py is the only fedmpi module that imports mpi4py (and bench/floor.py, the
+    memory floor, which imports nothing of fedmpi's on purpose)."""
     importers = sorted(
         str(p.relative_to(REPO)) for p in (REPO / "fedmpi").rglob("*.py")
         if any(line.strip().startswith(("import mpi4py", "from mpi4py"))
                for line in p.read_text().splitlines()))
-    assert importers == ["fedmpi/comm.py"]
+    assert importers == ["fedmpi/bench/floor.py", "fedmpi/comm.py"]

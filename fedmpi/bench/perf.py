@@ -25,7 +25,10 @@ printed as ratios:
    is capped by ``--max-ranks``): waiting ranks must not steal cores.
 4. the peak RSS of that ``-n N+1`` run summed over its ranks (HDF5 root attribute
    ``peak_rss_mb``), next to N+1 x the peak RSS of a bare ``python -c "import torch"``
-   measured here (the child's VmHWM), and that plus 1 GiB (the issue's budget).
+   measured here (the child's VmHWM), that plus 1 GiB (the issue's budget), and the floor
+   under it: :mod:`fedmpi.bench.floor` at the same ``-n``, ranks that only import torch
+   and initialise MPI, then run a bare hand-written MLP SGD loop on a rank's share of the
+   samples (the least any one-torch-process-per-rank program that trains pays here).
 5. the share of a round outside compute in the faster layout: (time_round - time_train -
    time_encode - time_decode - time_eval) / time_round, summed over the measured rounds.
 
@@ -40,6 +43,7 @@ printed (run it when that is well below the core count).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import statistics
@@ -183,6 +187,7 @@ class RunStats:
     test_acc: list[float] = field(default_factory=list)  #: after every round (0, 1, ...)
     compute_slots: list[int] = field(default_factory=list)  #: per rank (fedmpi.gate)
     fit_pool_size: list[int] = field(default_factory=list)  #: per rank (fedmpi.fitpool)
+    train_samples: int = 0  #: the clients' training samples, summed
 
     def acc_after(self, rounds: int) -> float:
         """Test accuracy after ``rounds`` rounds (NaN if the run was shorter)."""
@@ -211,7 +216,8 @@ def run_stats(run: metrics.Run) -> RunStats:
                     samples_per_round(sizes, cfg.client), rss,
                     [float(a) for a in r["test_acc"]],
                     [int(v) for v in np.atleast_1d(run.attrs.get("compute_slots", []))],
-                    [int(v) for v in np.atleast_1d(run.attrs.get("fit_pool_size", []))])
+                    [int(v) for v in np.atleast_1d(run.attrs.get("fit_pool_size", []))],
+                    int(sizes.sum()))
 
 
 @dataclass
@@ -363,6 +369,27 @@ def child_peak_rss_mb(code: str = "import torch", repeat: int = 3) -> float:
     return statistics.median(values)
 
 
+def floor_rss(n: int, job: Job, samples: int, timeout: float
+              ) -> tuple[list[float], list[float]]:
+    """:mod:`fedmpi.bench.floor` at ``-n n`` with the job's MLP, each rank training on
+    ``samples`` samples: per-rank peak RSS (MiB) after MPI init and after training."""
+    info = data.info(job.config().data)
+    dims = [int(np.prod(info.input_shape)), job.hidden, job.hidden, info.num_classes]
+    share = max(1, samples)
+    cmd = launch.command(n, "fedmpi.bench.floor",
+                         ["--dims", ",".join(map(str, dims)), "--samples", str(share),
+                          "--batch", str(job.batch_size)])
+    env = launch.environment()
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=str(REPO))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}:\n"
+                           f"{proc.stderr[-3000:]}")
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [float(v) for v in got["init"]], [float(v) for v in got["trained"]]
+
+
 # ---------------------------------------------------------------------------- the table
 
 
@@ -378,6 +405,9 @@ class Results:
     small: Layout  #: item 3, -n 3
     big: Layout  #: item 3 and 4, -n N+1
     bare_torch_mb: float
+    #: fedmpi.bench.floor at the big run's -n: per-rank peak RSS after MPI init, after training
+    floor_init: list[float] = field(default_factory=list)
+    floor_trained: list[float] = field(default_factory=list)
     quick: bool = False
     load: float = float("nan")  #: 1-minute load average at the start
     settings: list[str] = field(default_factory=list)
@@ -472,8 +502,20 @@ def render(res: Results) -> str:
                       f"largest rank {top:,.0f}"))
     lines.append(_row(f"{n} x bare `python -c \"import torch\"` ({res.bare_torch_mb:,.0f})",
                       f"{floor:,.0f}", f"sum / that = {total / floor:.2f}x"))
-    lines.append(_row(f"budget: {n} x bare + 1 GiB", f"{floor + RSS_SLACK_MB:,.0f}",
-                      _verdict(total <= floor + RSS_SLACK_MB)))
+    budget = floor + RSS_SLACK_MB
+    lines.append(_row(f"budget: {n} x bare + 1 GiB", f"{budget:,.0f}",
+                      _verdict(total <= budget)))
+    if res.floor_init and res.floor_trained:
+        k = len(res.floor_init)
+        init, trained = float(sum(res.floor_init)), float(sum(res.floor_trained))
+        lines.append(_row(f"floor, {k} ranks: import torch + MPI init", f"{init:,.0f}",
+                          f"{(init - floor) / k:+.1f} MiB per rank over bare torch"))
+        lines.append(_row(f"floor, {k} ranks: + a bare hand-written MLP SGD loop",
+                          f"{trained:,.0f}",
+                          f"{(trained - init) / k:+.1f} MiB per rank; budget - floor = "
+                          f"{budget - trained:+,.0f}"))
+        lines.append(_row("fedmpi over that floor", f"{total - trained:+,.0f}",
+                          f"{(total - trained) / k:+.1f} MiB per rank"))
 
     # 5 ----------------------------------------------------------------------------
     lines.append(f"5. share of a round outside compute (MPI + HDF5 + bookkeeping), fedmpi "
@@ -592,6 +634,9 @@ def main(argv: list[str]) -> int:
         big = run_fedmpi(scaling, Layout(big_n), rounds, out, f"perf_scaling_n{big_n}",
                          args.timeout)
         bare_torch = child_peak_rss_mb()
+        say(f"memory floor at -n {big_n} ...")
+        floor_init, floor_trained = floor_rss(
+            big_n, scaling, big.stats.train_samples // max(1, big_n - 1), args.timeout)
     finally:
         if saved_root is None:
             os.environ.pop("FEDMPI_DATA_ROOT", None)
@@ -600,7 +645,8 @@ def main(argv: list[str]) -> int:
         if tmp is not None:
             tmp.cleanup()
     res = Results(job.describe(), cores, reference, layouts, model_flops(cfg), bare,
-                  scaling.num_clients, small, big, bare_torch, quick=q,
+                  scaling.num_clients, small, big, bare_torch, floor_init, floor_trained,
+                  quick=q,
                   load=load0, settings=job.settings())
     print(render(res), flush=True)
     return 0

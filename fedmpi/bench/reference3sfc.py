@@ -274,10 +274,10 @@ def source_indices(cfg: Config, train_targets: np.ndarray, test_targets: np.ndar
     split). Found by running fedmpi's own resplit and partition on index arrays."""
     info = data.info(cfg.data)
     index = data.LoadedData(info, data.ArrayDataset(np.arange(len(train_targets)),
-                                                    np.asarray(train_targets, np.int64)),
+                                                    np.array(train_targets, np.int64)),
                             data.ArrayDataset(np.arange(len(test_targets)),
-                                              np.asarray(test_targets, np.int64)))
-    mapped = data.resplit(index, cfg.data, cfg.run.seed)
+                                              np.array(test_targets, np.int64)))
+    mapped = data.resplit(index, cfg.data, cfg.run.seed)  # (it consumes index's copies)
     parts = data.partition(mapped, cfg)
     return ([mapped.train.x[p] for p in parts], mapped.test.x, cfg.data.train_frac < 1.0)
 
