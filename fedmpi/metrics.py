@@ -127,7 +127,7 @@ class RunWriter:
         if len(old) < rows:
             raise ValueError(f"{path} has {len(old)} rows, the checkpoint needs {rows}")
         keep = {k: v for k, v in old.attrs.items()
-                if k not in ("complete", "stopped", "peak_rss_mb", "config", "mpi_size",
+                if k not in ("complete", "stopped", "peak_rss_mb", "pss_mb", "config", "mpi_size",
                              "fedmpi_version", "git_commit")}
         keep["resumed_at_rounds"] = np.append(
             np.asarray(old.attrs.get("resumed_at_rounds", []), dtype=np.int64), rows)

@@ -375,7 +375,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     per_rank = t.gather_object((usage.ru_maxrss / 1024.0, time.process_time() - cpu0,
                                 len(compute.paths), pool.size if pool else 0,
-                                pool.fitted if pool else 0))
+                                pool.fitted if pool else 0, pss_mb()))
     if pool is not None:
         pool.close()
     compute.close()
@@ -384,7 +384,8 @@ def run(args: argparse.Namespace, t: Transport) -> int:
                  "cpu_seconds": np.asarray([r[1] for r in per_rank]),
                  "compute_slots": np.asarray([r[2] for r in per_rank]),
                  "fit_pool_size": np.asarray([r[3] for r in per_rank]),
-                 "fit_pool_fitted": np.asarray([r[4] for r in per_rank])}
+                 "fit_pool_fitted": np.asarray([r[4] for r in per_rank]),
+                 "pss_mb": np.asarray([r[5] for r in per_rank])}
         if stopped:
             attrs["stopped"] = stopped
             code = 3
@@ -392,6 +393,17 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         if history:
             print_summary(cfg, history, path)
     return int(t.bcast_object(code))
+
+
+def pss_mb() -> float:
+    """This process's proportional set size now, MiB (Linux; NaN elsewhere): its private
+    pages plus each shared page divided by the processes that map it, so that the ranks'
+    sum is the job's physical memory (RSS counts a shared page once per rank)."""
+    try:
+        with open("/proc/self/smaps_rollup") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("Pss:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return float("nan")
 
 
 def resume_state(cfg: config.Config, path: str, device) -> dict | str | None:

@@ -105,6 +105,7 @@ def test_run_stats_leave_out_round_0_and_sum_rank_rss():
     assert st.outside == pytest.approx((5.0 - 3.5 - 0.75 - 0.1 - 0.3) / 5.0)
     assert st.samples == 2 * 10  # epochs x all clients' samples
     assert sum(st.peak_rss_mb) == pytest.approx(810.5)
+    assert st.pss_mb == []  # (a run file from before pss_mb)
     assert st.train_samples == 10  # the partition's samples: the floor run's share
     assert st.test_acc == pytest.approx([0.1, 0.5, 0.9])
     assert st.acc_after(2) == pytest.approx(0.5) and np.isnan(st.acc_after(4))
@@ -166,6 +167,7 @@ def test_table_prints_every_line_with_its_ratio():
     assert re.search(r"fedmpi -n 3\s+3\.00 s   train 0\.00, encode 0\.00; no gate$", out,
                      re.MULTILINE)
     assert re.search(r"summed over the 41 ranks\s+13,000", out)
+    assert "PSS" not in out  # a run file without pss_mb: no line
     assert re.search(r"41 x bare `python -c \"import torch\"` \(300\)\s+12,300", out)
     assert re.search(r"budget: 41 x bare \+ 1 GiB\s+13,324\s+met", out)
     assert "floor" not in out  # no floor run: no floor lines
@@ -175,7 +177,10 @@ def test_table_prints_every_line_with_its_ratio():
 
 
 def test_table_prints_the_memory_floor_and_fedmpi_over_it():
-    out = perf.render(results(floor_init=[310.0] * 41, floor_trained=[315.0] * 41))
+    big = perf.Layout(41, stats=dataclasses.replace(stats(3.6, rss=[13_000 / 41] * 41),
+                                                    pss_mb=[100.0] * 41))
+    out = perf.render(results(big=big, floor_init=[310.0] * 41, floor_trained=[315.0] * 41))
+    assert re.search(r"\(PSS at the end, summed: the job's physical memory\)\s+4,100", out)
     # 41 x 310 = 12,710: +10 per rank over bare torch (300)
     assert re.search(r"floor, 41 ranks: import torch \+ MPI init\s+12,710   \+10\.0 MiB per "
                      r"rank over bare torch", out)

@@ -48,6 +48,9 @@ def test_hdf5_schema_and_completion(runs):
     assert set(ROUND_METRICS) <= set(run.rounds) and set(CLIENT_METRICS) <= set(run.clients)
     assert np.array_equal(run.rounds["round"], [0, 1, 2])
     assert run.attrs["mpi_size"] == 3 and len(run.attrs["peak_rss_mb"]) == 3
+    # PSS at the end <= RSS <= peak RSS; torch's shared libraries make it clearly smaller
+    pss, peak = run.attrs["pss_mb"], run.attrs["peak_rss_mb"]
+    assert len(pss) == 3 and (pss > 0).all() and (pss < peak).all()
     assert run.partition.shape == (6, 10) and run.partition.sum() > 0
     assert (run.clients["participation"] == 1).all()
     cfg = run.config

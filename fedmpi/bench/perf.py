@@ -25,7 +25,8 @@ printed as ratios:
    is capped by ``--max-ranks``): waiting ranks must not steal cores.
 4. the peak RSS of that ``-n N+1`` run summed over its ranks (HDF5 root attribute
    ``peak_rss_mb``), next to N+1 x the peak RSS of a bare ``python -c "import torch"``
-   measured here (the child's VmHWM), that plus 1 GiB (the issue's budget), and the floor
+   measured here (the child's VmHWM), that plus 1 GiB (the issue's budget), the summed
+   proportional set size at the end of the run (``pss_mb``: physical memory), and the floor
    under it: :mod:`fedmpi.bench.floor` at the same ``-n``, ranks that only import torch
    and initialise MPI, then run a bare hand-written MLP SGD loop on a rank's share of the
    samples (the least any one-torch-process-per-rank program that trains pays here).
@@ -188,6 +189,7 @@ class RunStats:
     compute_slots: list[int] = field(default_factory=list)  #: per rank (fedmpi.gate)
     fit_pool_size: list[int] = field(default_factory=list)  #: per rank (fedmpi.fitpool)
     train_samples: int = 0  #: the clients' training samples, summed
+    pss_mb: list[float] = field(default_factory=list)  #: per rank, at the end of the run
 
     def acc_after(self, rounds: int) -> float:
         """Test accuracy after ``rounds`` rounds (NaN if the run was shorter)."""
@@ -217,7 +219,8 @@ def run_stats(run: metrics.Run) -> RunStats:
                     [float(a) for a in r["test_acc"]],
                     [int(v) for v in np.atleast_1d(run.attrs.get("compute_slots", []))],
                     [int(v) for v in np.atleast_1d(run.attrs.get("fit_pool_size", []))],
-                    int(sizes.sum()))
+                    int(sizes.sum()),
+                    [float(v) for v in np.atleast_1d(run.attrs.get("pss_mb", []))])
 
 
 @dataclass
@@ -500,6 +503,9 @@ def render(res: Results) -> str:
     lines.append(f"4. peak RSS at {res.big.label} (MiB)")
     lines.append(_row(f"summed over the {len(big.peak_rss_mb)} ranks", f"{total:,.0f}",
                       f"largest rank {top:,.0f}"))
+    if big.pss_mb:
+        lines.append(_row("(PSS at the end, summed: the job's physical memory)",
+                          f"{sum(big.pss_mb):,.0f}", "shared pages counted once, not per rank"))
     lines.append(_row(f"{n} x bare `python -c \"import torch\"` ({res.bare_torch_mb:,.0f})",
                       f"{floor:,.0f}", f"sum / that = {total / floor:.2f}x"))
     budget = floor + RSS_SLACK_MB
