@@ -133,9 +133,14 @@ class ClientGroup:
         loss_sum = torch.zeros((), device=params.device)
         est = self.estimator
         est.begin_client(cid, state, self.global_params, round_, lr=lr, steps=len(batches))
+        # plain SGD (no SAM, clipping, weight decay or momentum): one fused step
+        plain = est.plain and momentum is None and c.grad_clip <= 0 and c.weight_decay <= 0
         for k, idx in enumerate(batches):
             raw, yb = shard.take(idx)
             xb = self.normalize(augment(raw))
+            if plain:
+                loss_sum += model.sgd_step(xb, yb, lr)
+                continue
             eps = est.perturbation(model, xb, yb, k)
             if eps is not None:
                 params.add_(eps)  # the gradient is taken at the perturbed point w + eps

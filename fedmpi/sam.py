@@ -133,6 +133,14 @@ class Estimator:
     def descent(self, grad: torch.Tensor, step: int) -> None:
         return None
 
+    @property
+    def plain(self) -> bool:
+        """Whether local steps are plain gradient steps: neither :meth:`perturbation` nor
+        :meth:`descent` is overridden (the ``none`` estimator)."""
+        cls = type(self)
+        return (cls.perturbation is Estimator.perturbation
+                and cls.descent is Estimator.descent)
+
     # helpers ------------------------------------------------------------------
     def ascent(self, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return ascent(g, w, self.rho, self.adaptive)

@@ -535,17 +535,23 @@ class _History:
         gp = g.new_zeros((b, 1, hist.shape[2]))
         gp[:, 0, :p] = g
         dots = torch.bmm(gp, hist.transpose(1, 2)).double().view(b, k, 2)  # first pass
-        # age order: position j of row b is slot (oldest + j) mod size, then unused slots
+        # age order: position j of row b is slot (oldest + j) mod size, then unused slots;
+        # until some row's ring wraps that is slot order (the gathers would copy as is)
         ar = torch.arange(k, device=g.device)
-        oldest = (self.total - count) % self.size
-        age = torch.where(ar[None, :] < count[:, None], (oldest[:, None] + ar) % self.size,
-                          ar[None, :])
-        sg = dots[:, :, 0].gather(1, age)
-        yg = dots[:, :, 1].gather(1, age)
-        rows_of = age[:, :, None].expand(-1, -1, k)
-        cols_of = age[:, None, :].expand(-1, k, -1)
-        sy = self.sy[:, :k, :k].gather(1, rows_of).gather(2, cols_of)
-        yy = self.yy[:, :k, :k].gather(1, rows_of).gather(2, cols_of)
+        wrapped = int(self.total.max()) > self.size
+        if wrapped:
+            oldest = (self.total - count) % self.size
+            age = torch.where(ar[None, :] < count[:, None],
+                              (oldest[:, None] + ar) % self.size, ar[None, :])
+            sg = dots[:, :, 0].gather(1, age)
+            yg = dots[:, :, 1].gather(1, age)
+            rows_of = age[:, :, None].expand(-1, -1, k)
+            cols_of = age[:, None, :].expand(-1, k, -1)
+            sy = self.sy[:, :k, :k].gather(1, rows_of).gather(2, cols_of)
+            yy = self.yy[:, :k, :k].gather(1, rows_of).gather(2, cols_of)
+        else:
+            sg, yg = dots[:, :, 0], dots[:, :, 1]
+            sy, yy = self.sy[:, :k, :k], self.yy[:, :k, :k]
         used = ar[None, :] < count[:, None]
         h = h_diag.double()[:, None]
         r = torch.triu(sy) + torch.diag_embed((~used).double())
@@ -553,9 +559,9 @@ class _History:
         ypv = torch.bmm(pv[:, None, :], yy)[:, 0]  # YY is symmetric
         rhs = torch.diagonal(sy, dim1=1, dim2=2) * pv + h * (ypv - yg)
         qv = torch.linalg.solve_triangular(r.transpose(1, 2), rhs[..., None], upper=False)
-        coef = torch.zeros((b, k, 2), dtype=torch.float64, device=g.device)
-        coef.scatter_(1, age[..., None].expand(-1, -1, 2),
-                      torch.stack([qv[..., 0], -h * pv], 2))  # back to slot order
+        coef = torch.stack([qv[..., 0], -h * pv], 2)
+        if wrapped:  # back to slot order
+            coef = torch.zeros_like(coef).scatter_(1, age[..., None].expand(-1, -1, 2), coef)
         hg = torch.bmm(coef.to(g.dtype).view(b, 1, 2 * k), hist)[:, 0, :p]  # second pass
         return -(h_diag[:, None] * g + hg)
 

@@ -245,6 +245,39 @@ def test_dense_backprop_follows_the_weights_it_views():
     assert not torch.allclose(first, dense)
 
 
+@pytest.mark.parametrize("name, shape", [("mlp", (1, 28, 28)), ("logreg", (60,))])
+def test_sgd_step_fused_into_the_dense_backward_equals_a_gradient_step(name, shape):
+    """sgd_step: with the hand-written backprop, 30 fused steps (each layer's weights
+    stepped inside the product that forms its gradient, after the error below it is
+    taken) track loss_grad + params -= lr grad to float rounding, and leave the gradient
+    buffer alone; with autograd it is exactly loss_grad and the update."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 16, *shape, generator=g)
+    y = torch.randint(0, 10, (30, 16), generator=g)
+    lr = 0.3
+    fused, stepped = _flat(name, shape, 10, hidden=32), _flat(name, shape, 10, hidden=32)
+    fused.use_backprop("dense")
+    stepped.use_backprop("dense")
+    fused.grad.fill_(7.0)
+    for k in range(30):
+        loss = fused.sgd_step(x[k], y[k], lr)
+        want = stepped.loss_grad(x[k], y[k])
+        stepped.params.add_(stepped.grad, alpha=-lr)
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.params, stepped.params, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(fused.params, _flat(name, shape, 10, hidden=32).params)  # moved
+    assert bool((fused.grad == 7.0).all())
+    auto, ref = _flat(name, shape, 10, hidden=32), _flat(name, shape, 10, hidden=32)
+    auto.use_backprop("autograd")
+    ref.use_backprop("autograd")
+    for k in range(3):
+        auto.sgd_step(x[k], y[k], lr)
+        ref.loss_grad(x[k], y[k])
+        with torch.no_grad():
+            ref.params.add_(ref.grad, alpha=-lr)
+    assert torch.equal(auto.params, ref.params)
+
+
 @pytest.mark.parametrize("name, dense", [("mlp", True), ("logreg", True), ("mnistnet", False),
                                          ("convnet", False), ("lenet5", False)])
 def test_auto_backprop_is_dense_exactly_for_dense_chains(name, dense):
