@@ -345,7 +345,7 @@ class DenseBackprop:
                  ) -> torch.Tensor:
         """The loss; the gradient goes into the gradient buffer, or with ``lr`` straight
         into the weights as a plain SGD step (W_l -= lr dW_l inside the product that forms
-        dW_l, b_l -= lr db_l; the gradient buffer is left alone): ~6% of an MNIST MLP
+        dW_l, b_l -= lr db_l; the gradient buffer is left alone): 4-6% of an MNIST MLP
         step saved, one pass over the d weights fewer. Equal to the gradient followed by
         ``params -= lr grad`` up to float rounding."""
         n = x.shape[0]
