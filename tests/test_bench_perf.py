@@ -6,7 +6,6 @@ right ratios, and ``--quick`` runs end to end. Nothing here asserts a timing."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmpi import config, data, launch, metrics
+from fedmpi import config, data, metrics
 from fedmpi.bench import __main__ as dispatcher
 from fedmpi.bench import perf
 from fedmpi.bench import reference3sfc as ref3
@@ -194,13 +193,8 @@ def test_floor_ranks_report_their_peak_rss_before_and_after_training():
     """fedmpi.bench.floor at -n 2 (a real launch): one JSON row per rank; training only
     adds to the peak; an MPI rank with torch holds more than a bare torch import."""
     import json
-    cmd = launch.command(2, "fedmpi.bench.floor", ["--dims", "20,8,3", "--samples", "50",
-                                                    "--steps", "5", "--batch", "16"])
-    env = launch.environment()
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                          cwd=str(REPO))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, proc = perf.mpirun(2, "fedmpi.bench.floor", ["--dims", "20,8,3", "--samples", "50",
+                                                     "--steps", "5", "--batch", "16"], 300)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(got["init"]) == len(got["trained"]) == 2
     bare = perf.child_peak_rss_mb("import torch", repeat=1)

@@ -251,18 +251,26 @@ def run_fedmpi(job: Job, layout: Layout, rounds: int, out: str, name: str,
     args += ["--set", f"run.server_trains={'true' if layout.server_trains else 'false'}",
              "--set", f"run.rounds={rounds}", "--set", f"run.name={name}",
              "--set", f"run.out_dir={out}", "--quiet", "--overwrite"]
-    cmd = launch.command(layout.n, "fedmpi.train", args)
+    t0 = time.perf_counter()
+    cmd, _ = mpirun(layout.n, "fedmpi.train", args, timeout)
+    wall = time.perf_counter() - t0
+    stats = run_stats(metrics.open_run(os.path.join(out, f"{name}.h5")))
+    return replace(layout, stats=stats, wall=wall, command=cmd)
+
+
+def mpirun(n: int, module: str, args: list[str], timeout: float
+           ) -> tuple[list[str], subprocess.CompletedProcess]:
+    """``mpiexec -n n python -m mpi4py -m module args`` from the repository; raises
+    RuntimeError (with its stderr's tail) unless it exits 0."""
+    cmd = launch.command(n, module, args)
     env = launch.environment()
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=str(REPO))
-    wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}:\n"
                            f"{proc.stderr[-3000:]}")
-    stats = run_stats(metrics.open_run(os.path.join(out, f"{name}.h5")))
-    return replace(layout, stats=stats, wall=wall, command=cmd)
+    return cmd, proc
 
 
 # ---------------------------------------------------------------------------- baselines
@@ -379,16 +387,9 @@ def floor_rss(n: int, job: Job, samples: int, timeout: float
     info = data.info(job.config().data)
     dims = [int(np.prod(info.input_shape)), job.hidden, job.hidden, info.num_classes]
     share = max(1, samples)
-    cmd = launch.command(n, "fedmpi.bench.floor",
-                         ["--dims", ",".join(map(str, dims)), "--samples", str(share),
-                          "--batch", str(job.batch_size)])
-    env = launch.environment()
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=str(REPO))
-    if proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}:\n"
-                           f"{proc.stderr[-3000:]}")
+    _, proc = mpirun(n, "fedmpi.bench.floor",
+                     ["--dims", ",".join(map(str, dims)), "--samples", str(share),
+                      "--batch", str(job.batch_size)], timeout)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     return [float(v) for v in got["init"]], [float(v) for v in got["trained"]]
 
