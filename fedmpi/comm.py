@@ -277,11 +277,12 @@ class NodePool:
         if not self.leader:
             self._run(self.comm.Isend([send, MPI.FLOAT], dest=0, tag=POOL_GATHER))
             return None
-        parts: list[np.ndarray | None] = [send] + [None] * (self.size - 1)
+        kept: list[np.ndarray | None] | None = None
+        if consume is None:  # keep them all, in member order
+            kept = [None] * self.size
+            consume = kept.__setitem__
         arrived = [True] + [False] * (self.size - 1)
-        if consume is not None:
-            consume(0, send)
-            parts[0] = None
+        consume(0, send)
         status = MPI.Status()
 
         def receive(msg: MPI.Message) -> None:
@@ -289,10 +290,7 @@ class NodePool:
             msg.Recv([buf, MPI.FLOAT])
             source = status.Get_source()
             arrived[source] = True
-            if consume is None:
-                parts[source] = buf
-            else:
-                consume(source, buf)
+            consume(source, buf)
 
         def take() -> bool:
             while (msg := self.comm.Improbe(MPI.ANY_SOURCE, POOL_GATHER, status)) is not None:
@@ -304,7 +302,7 @@ class NodePool:
                 receive(self.comm.Mprobe(MPI.ANY_SOURCE, POOL_GATHER, status))
 
         self.t._timed(blocking if self.t.wait_mode == "block" else lambda: self.t._poll(take))
-        return parts if consume is None else None
+        return kept
 
     def scatter(self, parts: list[np.ndarray] | None, size: int,
                 posted: Callable[[], None] = lambda: None) -> np.ndarray:

@@ -152,7 +152,6 @@ class FitPool:
         held = self.gate.held >= 0
         self.gate.release()
         leader = self.link.leader
-        send = np.ascontiguousarray(send, dtype=np.float32)
         parts = None
         if leader:
             self.start.open(n)  # members may train now: the leader is receiving
@@ -176,13 +175,18 @@ class FitPool:
         """Leader: file one member's rows [u, x0, y0] (as they arrive) into the buffers."""
         x_shape, y_shape = self.shapes
         rows = torch.from_numpy(buf).view(-1, self.d + math.prod(x_shape) + math.prod(y_shape))
-        lo = sum(k for _, _, k in self._arrived)
+        lo = self._filled
         hi = lo + rows.shape[0]
         if self._targets is None or self._targets.shape[0] < hi:
             self._grow(hi, lo, rows.shape[1] - self.d)
         self._targets[lo:hi] = rows[:, :self.d]
         self._starts[lo:hi] = rows[:, self.d:]
         self._arrived.append((member, lo, hi - lo))
+
+    @property
+    def _filled(self) -> int:
+        """Rows filed so far this round."""
+        return self._arrived[-1][1] + self._arrived[-1][2] if self._arrived else 0
 
     def _grow(self, rows: int, keep: int, width: int) -> None:
         n = max(rows, self.capacity, 2 * (0 if self._targets is None else len(self._targets)))
@@ -195,7 +199,7 @@ class FitPool:
     def _fit_all(self, nx: int, ny: int) -> list[np.ndarray]:
         """Leader: fit the round's problems (in arrival order, in equal chunks of at most
         ``batch``); float64 [x, y, loss] rows per member, in member order."""
-        total = sum(k for _, _, k in self._arrived)
+        total = self._filled
         x_shape, y_shape = self.shapes
         table = np.zeros((total, nx + ny + 1), dtype=np.float64)
         if total:
@@ -277,7 +281,7 @@ def open_pool(t, enabled: bool, gate: Gate, compressor, group, batch: int, load:
     if link.leader:
         for p in paths[0] + paths[1]:
             os.unlink(p)
-    pool = FitPool(link, gate, batch, *doors, capacity=capacity if link.leader else 0)
+    pool = FitPool(link, gate, batch, *doors, capacity=capacity)  # (buffers: leader only)
     inner = getattr(compressor, "inner", compressor)
     inner.attach_pool(pool, group.model, group.global_params)
     group.pool = pool

@@ -401,7 +401,7 @@ class FlatModel:
         linears = dense_layers(self.module) if mode != "autograd" else None
         if mode == "dense" and linears is None:
             raise ValueError("backprop 'dense' needs a chain of Linear / ReLU layers "
-                             "(mlp, logreg)")
+                             f"({', '.join(DENSE)})")
         self.dense = DenseBackprop(linears) if linears is not None else None
 
     def loss_grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from fedmpi import config, data, launch, metrics
 from fedmpi.client import batch_schedule
 from fedmpi.config import ClientConfig, Config
+from fedmpi.layout import cores as usable_cores
 from fedmpi.models import build_module, flops_per_sample
 
 NAME = "perf"
@@ -602,7 +603,7 @@ def main(argv: list[str]) -> int:
     ref_rounds = args.ref_rounds or (1 if q else 2)
     scaling = replace(job, num_clients=args.scaling_clients or (4 if q else 40))
     max_ranks = args.max_ranks or (5 if q else 41)
-    cores = args.cores or len(os.sched_getaffinity(0))
+    cores = args.cores or usable_cores()
     if max_ranks < 4:
         print("perf: --max-ranks must be >= 4 (the scaling run compares with -n 3)",
               file=sys.stderr)
