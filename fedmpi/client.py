@@ -6,7 +6,8 @@ same K for every client) or ``local_epochs`` E full passes over its own shard (s
 with more data take more steps). Minibatches are drawn by index from the client's shard
 tensors in memory with ``numpy.random.default_rng([seed, TAG_BATCH, round, client])``:
 no DataLoader, no per-sample Python. A client's learning rate is ``lr * lr_decay^n``
-where n counts the rounds it has trained before (the 3SFC code's per-client decay).
+where n counts the rounds it has trained before, or ``lr * lr_decay^(n + 1)`` with
+``client.lr_decay_first`` (the 3SFC code decays before every training, the first included).
 
 The update ``Delta = w_K - w^t`` (descent direction, learning rate included) is compressed
 with the client's own compressor state; the client also reports its mean training loss
@@ -90,6 +91,11 @@ def batch_schedule(n: int, cfg: Config, round_: int, client: int) -> list[np.nda
     return [stream[i * b:(i + 1) * b] for i in range(c.local_steps)]
 
 
+def client_lr(c, rounds_trained: int) -> float:
+    """A client's learning rate for its next local training (``c``: the client config)."""
+    return c.lr * c.lr_decay ** (rounds_trained + (1 if c.lr_decay_first else 0))
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     den = float(a.norm()) * float(b.norm())
     return float(torch.dot(a, b)) / den if den > 0 else 0.0
@@ -124,7 +130,7 @@ class ClientGroup:
         """Train client ``cid`` from w^t; returns (update, mean loss, steps)."""
         c = self.cfg.client
         shard, state, model = self.shards[cid], self.states[cid], self.model
-        lr = c.lr * c.lr_decay ** state.rounds_trained
+        lr = client_lr(c, state.rounds_trained)
         model.load(self.global_params)
         params, grad = model.params, model.grad
         momentum = torch.zeros_like(params) if c.momentum > 0 else None
@@ -189,7 +195,7 @@ class ClientGroup:
         out = {}
         for group in groups.values():
             w = self.global_params.expand(len(group), -1).clone()
-            lrs = torch.tensor([c.lr * c.lr_decay ** self.states[cid].rounds_trained
+            lrs = torch.tensor([client_lr(c, self.states[cid].rounds_trained)
                                 for cid in group], device=w.device).unsqueeze(1)
             momentum = torch.zeros_like(w) if c.momentum > 0 else None
             augments = [augmenter(self.cfg, round_, cid) for cid in group]

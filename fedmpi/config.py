@@ -87,6 +87,11 @@ class DataConfig:
     max_train: int = 0  #: keep a random subset of this many training samples (0 = all)
     max_test: int = 0  #: keep a random subset of this many test samples (0 = all)
     augment: bool = False  #: CIFAR: random crop (4-pixel zero padding) + horizontal flip
+    #: share of every client's shard held out from its training (seeded per client, the
+    #: same on any number of ranks); the global model's accuracy on each client's holdout
+    #: is recorded every eval round (/clients/acc). 0.2 = the 3SFC code's Client(train_frac
+    #: = 0.8): clients train on a random 80% of their shard
+    client_holdout: float = 0.0
     #: natural (synthetic only) | iid | dirichlet | dirichlet_balanced | client_dirichlet |
     #: shards (see fedmpi.data)
     partition: str = "natural"
@@ -119,6 +124,8 @@ class DataConfig:
                  "'natural' is only defined for dataset 'synthetic'")
         _require(0.0 < self.train_frac <= 1.0, "data.train_frac",
                  f"must be in (0, 1] (got {self.train_frac})")
+        _require(0.0 <= self.client_holdout < 1.0, "data.client_holdout",
+                 f"must be in [0, 1) (got {self.client_holdout})")
         _require(self.max_train >= 0, "data.max_train", "must be >= 0 (0 = all)")
         _require(self.max_test >= 0, "data.max_test", "must be >= 0 (0 = all)")
         for key in ("train_frac", "max_train", "max_test"):
@@ -147,6 +154,9 @@ class ClientConfig:
     local_steps: int = 10  #: K SGD steps per round for every client (0 = use local_epochs)
     local_epochs: int = 0  #: full passes over each client's own data (0 = use local_steps)
     lr_decay: float = 1.0  #: a client's lr is multiplied by this each time it trains
+    #: apply lr_decay before a client's first local training too (the 3SFC code decays
+    #: its optimizer's lr before every training: lr * decay^(n + 1)); false: lr * decay^n
+    lr_decay_first: bool = False
     momentum: float = 0.0  #: local SGD momentum (a fresh buffer every round)
     weight_decay: float = 0.0  #: L2 weight decay added to the local gradient
     grad_clip: float = 0.0  #: clip the global gradient norm to this (0 = off)

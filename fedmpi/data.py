@@ -80,6 +80,7 @@ TAG_DATA = 101  # random-stream tags: numpy.random.default_rng([seed, TAG, ...])
 TAG_PARTITION = 102
 TAG_SPLIT = 103  # train_frac / max_train / max_test subsets
 TAG_AUGMENT = 104  # per (round, client): crop offsets and flips
+TAG_HOLDOUT = 105  # per client: data.client_holdout
 
 MAX_REDRAWS = 1000  # dirichlet_balanced: give up after this many draws
 
@@ -705,6 +706,30 @@ def partition(loaded: LoadedData, cfg: Config) -> list[np.ndarray]:
                         f"{cfg.data.classes_per_client}); raise data.alpha, use "
                         "dirichlet_balanced, or lower data.num_clients")
     return parts
+
+
+def hold_out(parts: list[np.ndarray], cfg: Config
+             ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Split every client's indices into (trained on, held out) by ``data.client_holdout``.
+
+    Client ``i`` keeps ``int(n_i * (1 - share))`` of its ``n_i`` samples, a random subset
+    from ``numpy.random.default_rng([seed, TAG_HOLDOUT, i])`` (the 3SFC code's
+    ``random_split`` of ``int(n_i * train_frac)``), so the split depends on the seed and
+    the partition only, never on the ranks. Without a holdout every client keeps all.
+    """
+    share = cfg.data.client_holdout
+    if share <= 0:
+        return parts, [np.zeros(0, dtype=np.int64) for _ in parts]
+    train, held = [], []
+    for cid, p in enumerate(parts):
+        perm = np.random.default_rng([cfg.run.seed, TAG_HOLDOUT, cid]).permutation(len(p))
+        keep = int(len(p) * (1.0 - share))
+        if keep < 1:
+            raise DataError(f"data.client_holdout = {share} leaves client {cid} with none of "
+                            f"its {len(p)} samples to train on; lower it")
+        train.append(np.sort(p[perm[:keep]]))
+        held.append(np.sort(p[perm[keep:]]))
+    return train, held
 
 
 def class_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:

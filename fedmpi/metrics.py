@@ -43,6 +43,8 @@ def _h5py():
 #: per-round scalars: name -> dtype (floats are NaN where a metric is not computed)
 ROUND_METRICS: dict[str, str] = {
     "round": "i8", "wall_time": "f8", "test_acc": "f8", "test_loss": "f8", "train_loss": "f8",
+    # the global model's mean accuracy over the clients' holdouts (data.client_holdout)
+    "client_acc_mean": "f8",
     "participants": "i8", "diverged_clients": "i8",
     "uplink_bytes": "i8", "uplink_payload_bytes": "i8",
     "downlink_bytes": "i8", "downlink_payload_bytes": "i8", "meta_bytes": "i8",
@@ -62,6 +64,7 @@ ROUND_METRICS: dict[str, str] = {
 CLIENT_METRICS: dict[str, str] = {
     "participation": "i1", "train_loss": "f8", "uplink_bytes": "i8", "efficiency": "f8",
     "steps": "i8", "diverged": "i1",
+    "acc": "f8",  # the global model's accuracy on the client's holdout (data.client_holdout)
 }
 
 

@@ -40,7 +40,8 @@ def sample_participants(cfg: Config, round_: int) -> list[int]:
 
 class Server:
     def __init__(self, cfg: Config, model: FlatModel, compressor: Compressor, spec: ModelSpec,
-                 test: ArrayDataset, normalizer: Normalizer):
+                 test: ArrayDataset, normalizer: Normalizer,
+                 holdout: tuple[ArrayDataset, np.ndarray] | None = None):
         self.cfg = cfg
         self.model = model  # model.params is the authoritative global model w^t
         self.compressor = compressor
@@ -49,6 +50,12 @@ class Server:
         self.test_x = torch.from_numpy(test.x).to(device)
         self.test_y = torch.from_numpy(test.y).to(device)
         self.normalize = normalizer
+        #: the clients' held-out samples (data.client_holdout) and the client of each
+        self.holdout = None
+        if holdout is not None:
+            ds, owner = holdout
+            self.holdout = (torch.from_numpy(ds.x).to(device), torch.from_numpy(ds.y).to(device),
+                            torch.from_numpy(owner).to(device))
 
     @property
     def params(self) -> torch.Tensor:
@@ -90,13 +97,30 @@ class Server:
         return agg.mul_(self.cfg.server.lr)
 
     @torch.no_grad()
+    def _scores(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(per-sample correctness, summed cross-entropy) of the global model, batched."""
+        bs = self.cfg.eval.batch_size
+        correct, loss_sum = [], 0.0
+        for i in range(0, int(y.shape[0]), bs):
+            logits = self.model(self.normalize(x[i:i + bs]))
+            loss_sum += float(F.cross_entropy(logits, y[i:i + bs], reduction="sum"))
+            correct.append(logits.argmax(1) == y[i:i + bs])
+        return torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool), loss_sum
+
     def evaluate(self) -> tuple[float, float]:
         """(accuracy, mean cross-entropy) of the global model on the test set, batched."""
-        bs = self.cfg.eval.batch_size
-        correct, loss_sum, n = 0, 0.0, int(self.test_y.shape[0])
-        for i in range(0, n, bs):
-            logits = self.model(self.normalize(self.test_x[i:i + bs]))
-            y = self.test_y[i:i + bs]
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-        return correct / n, loss_sum / n
+        correct, loss_sum = self._scores(self.test_x, self.test_y)
+        n = int(self.test_y.shape[0])
+        return int(correct.sum()) / n, loss_sum / n
+
+    def client_accuracy(self) -> np.ndarray | None:
+        """The global model's accuracy on every client's holdout (NaN where a client holds
+        none out), or None without ``data.client_holdout``."""
+        if self.holdout is None:
+            return None
+        x, y, owner = self.holdout
+        correct, _ = self._scores(x, y)
+        n = self.cfg.data.num_clients
+        hits = torch.bincount(owner, weights=correct.to(torch.float64), minlength=n)
+        sizes = torch.bincount(owner, minlength=n).to(torch.float64)
+        return (hits / sizes).cpu().numpy()

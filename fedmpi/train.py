@@ -151,9 +151,9 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     # 2. data: load and partition on rank 0, shards to their owners ---------------------
     def load_and_split():
         loaded = data.load(cfg)
-        return loaded, data.partition(loaded, cfg)
+        return loaded, *data.hold_out(data.partition(loaded, cfg), cfg)
 
-    loaded, parts = on_server(t, load_and_split) or (None, None)
+    loaded, parts, held = on_server(t, load_and_split) or (None, None, None)
     sizes = t.bcast_object([len(p) for p in parts] if t.is_server else None)
     owners = layout.assign_clients(sizes, ranks)
     shards = distribute_shards(t, loaded, parts, owners, device)
@@ -190,7 +190,12 @@ def run(args: argparse.Namespace, t: Transport) -> int:
 
     server = writer = None
     if t.is_server:
-        server = Server(cfg, model, compressor, spec, loaded.test, normalizer)
+        holdout = None
+        if cfg.data.client_holdout > 0:  # every client's held-out samples, and whose
+            every = np.concatenate(held)
+            holdout = (loaded.train.subset(every),
+                       np.repeat(np.arange(len(held)), [len(h) for h in held]))
+        server = Server(cfg, model, compressor, spec, loaded.test, normalizer, holdout)
         counts = data.class_counts(loaded.train.y, parts, info.num_classes)
         if cfg.eval.sharpness_every:  # a fixed, seeded training subset for sharpness
             sharp = sharpness.fixed_subset(loaded.train.x, loaded.train.y,
@@ -311,8 +316,10 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         t2 = time.perf_counter()
         last = rnd == cfg.run.rounds - 1
         acc = loss = float("nan")
+        client_acc = None
         if (rnd + 1) % cfg.eval.every == 0 or last or stopped:
             acc, loss = server.evaluate()
+            client_acc = server.client_accuracy()
         t3 = time.perf_counter()
         sharp_row = {}
         if cfg.eval.sharpness_every and ((rnd + 1) % cfg.eval.sharpness_every == 0 or last):
@@ -329,6 +336,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         per_client["train_loss"] = np.full(n, np.nan)
         per_client["efficiency"] = np.full(n, np.nan)
         per_client["diverged"] = np.zeros(n, dtype=np.int8)
+        per_client["acc"] = client_acc if client_acc is not None else np.full(n, np.nan)
         for cid, why in diverged.items():
             per_client["diverged"][cid] = why
         for s in slots:
@@ -346,6 +354,8 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         row = {
             "round": rnd, "wall_time": time.perf_counter() - start,
             "test_acc": acc, "test_loss": loss,
+            "client_acc_mean": (float(np.nanmean(client_acc)) if client_acc is not None
+                                else float("nan")),
             "train_loss": float(np.mean(by_id[:, 3])), "participants": len(wire),
             "diverged_clients": len(diverged),
             "uplink_bytes": c.uplink, "uplink_payload_bytes": int(sum(sizes)),

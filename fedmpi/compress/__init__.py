@@ -21,12 +21,17 @@ from fedmpi.compress.qsgd import QSGD
 from fedmpi.compress.randk import RandK
 from fedmpi.compress.sfc3 import SFC3
 from fedmpi.compress.signsgd import SignSGD
+from fedmpi.compress.signsgd3sfc import SignSGD3SFC
 from fedmpi.compress.stc import STC
+from fedmpi.compress.stc3sfc import STC3SFC
 from fedmpi.compress.topk import TopK
+from fedmpi.compress.topk3sfc import TopK3SFC
 
 REGISTRY: dict[str, type[Compressor]] = {cls.name: cls for cls in (Identity,)}
 REGISTRY.update({cls.name: cls for cls in (TopK, RandK, DGC, SignSGD, STC, QSGD)})
 REGISTRY.update({cls.name: cls for cls in (SFC3, FedSynth)})
+# the 3SFC paper's baselines as its authors' code runs them (jobs/3sfc_table*.toml)
+REGISTRY.update({cls.name: cls for cls in (TopK3SFC, SignSGD3SFC, STC3SFC)})
 
 
 def build(cfg, spec: ModelSpec) -> Compressor:

@@ -20,6 +20,7 @@ inside one: ``u = update + e;  m = C(u);  e <- u - D(m)``.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,6 +100,9 @@ class Context:
     #: a fedmpi.models.FlatModel for model-based codecs (3SFC). Its weights are scratch:
     #: load ``global_params`` into it before use; it may be left changed.
     model: Any = None
+    #: the client's own update Delta before error feedback adds its residual (set by
+    #: :class:`ErrorFeedback`; None without it, where the compressed vector is Delta)
+    update: torch.Tensor | None = None
 
     def numpy_rng(self, tag: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, tag, self.round, self.client + 1])
@@ -204,6 +208,7 @@ class ErrorFeedback(Compressor):
 
     def compress_many(self, updates, states, ctxs):
         targets = [u + s.residual for u, s in zip(updates, states, strict=True)]
+        ctxs = [dataclasses.replace(c, update=u) for c, u in zip(ctxs, updates, strict=True)]
         encoded = self.inner.encode_many(targets, [s.inner for s in states], ctxs)
         decoded = self.inner.decode_many([p for p, _ in encoded], ctxs)
         return [(p, EFState(residual=t - d, inner=s), d, t)

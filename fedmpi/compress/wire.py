@@ -109,6 +109,50 @@ def unpack_signs(buf: np.ndarray, n: int) -> np.ndarray:
     return _SIGN_TABLE[buf].reshape(-1)[:n]
 
 
+# ---------------------------------------------------------------------------- ternary
+
+#: ``mode`` byte of a ternary field: every entry nonzero, 1 bit each (bit 1 = negative) ...
+TERNARY_BITS = 0
+#: ... or some entries are 0: base-3 digits (0, +1 -> 1, -1 -> 2), 5 per byte (3^5 <= 256)
+TERNARY_TRITS = 1
+_TRIT_POWERS = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
+
+
+def ternary_size(n: int, mode: int) -> int:
+    """Bytes of ``n`` entries in ``mode``: ``ceil(n / 8)`` (bits) or ``ceil(n / 5)``."""
+    return (n + 7) // 8 if mode == TERNARY_BITS else (n + 4) // 5
+
+
+def pack_ternary(s: np.ndarray, free: np.ndarray | None = None) -> tuple[int, np.ndarray]:
+    """Values in {-1, 0, +1} as ``(mode, bytes)``: one bit each when none is 0 (where
+    ``free`` is true the value is not needed and may be anything), else base-3 digits,
+    1.6 bits each. ``sign(0) = 0`` needs the third symbol; a plain sign bit cannot say it."""
+    s = np.asarray(s, dtype=np.int8).reshape(-1)
+    zero = s == 0
+    if free is not None:
+        zero &= ~np.asarray(free, dtype=bool).reshape(-1)
+    if not zero.any():
+        return TERNARY_BITS, pack_bits(s < 0)
+    trits = np.where(s < 0, 2, s).astype(np.uint8)
+    trits = np.concatenate([trits, np.zeros(-trits.size % 5, dtype=np.uint8)])
+    return TERNARY_TRITS, (trits.reshape(-1, 5) * _TRIT_POWERS).sum(1, dtype=np.uint8)
+
+
+def unpack_ternary(mode: int, buf: np.ndarray, n: int) -> np.ndarray:
+    """The inverse of :func:`pack_ternary`: float32 -1 / 0 / +1 (bits mode: never 0)."""
+    buf = np.asarray(buf, dtype=np.uint8).reshape(-1)
+    if mode == TERNARY_BITS:
+        return unpack_signs(buf, n)
+    if mode != TERNARY_TRITS:
+        raise ValueError(f"unknown ternary mode {mode}")
+    if buf.size != (n + 4) // 5:
+        raise ValueError(f"{n} trits need {(n + 4) // 5} bytes, got {buf.size}")
+    digits = (buf[:, None] // _TRIT_POWERS) % 3
+    if int(buf.max(initial=0)) >= 243:
+        raise ValueError("a base-3 byte above 242")
+    return np.array([0.0, 1.0, -1.0], dtype=np.float32)[digits.reshape(-1)[:n]]
+
+
 def packed_size(n: int, width: int) -> int:
     """Bytes of ``n`` codes of ``width`` bits: ``ceil(n * width / 8)``."""
     return (int(n) * int(width) + 7) // 8
