@@ -13,12 +13,12 @@ from fedmpi import launch
 from fedmpi.metrics import open_run
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+LOCAL_DATA = REPO / "data"  #: where data.root points by default
 
 
 def mnist_root() -> str | None:
-    """The real MNIST files (../shared/data) or $FEDMPI_DATA_ROOT; None if absent."""
-    root = os.environ.get("FEDMPI_DATA_ROOT") or str(SHARED_DATA)
+    """The real MNIST files: $FEDMPI_DATA_ROOT, else the repository's data/; None if absent."""
+    root = os.environ.get("FEDMPI_DATA_ROOT") or str(LOCAL_DATA)
     return root if (Path(root) / "MNIST" / "raw").is_dir() else None
 
 

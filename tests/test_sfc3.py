@@ -387,7 +387,7 @@ E2E = ["--set", "data.dataset=mnist", "--set", "data.partition=iid",
 def need_mnist():
     root = mnist_root()
     if root is None:
-        pytest.skip("real MNIST not found (../shared/data or $FEDMPI_DATA_ROOT)")
+        pytest.skip("real MNIST not found ($FEDMPI_DATA_ROOT or data/)")
     return ["--set", f"data.root={root}"]
 
 

@@ -36,7 +36,7 @@ def starts(direction, b, seed=4):
 def mnist_samples(n: int, pool: int = 4):
     root = mnist_root()
     if root is None:
-        pytest.skip("real MNIST not found (../shared/data or $FEDMPI_DATA_ROOT)")
+        pytest.skip("real MNIST not found ($FEDMPI_DATA_ROOT or data/)")
     import torchvision
 
     ds = torchvision.datasets.MNIST(root, train=True, download=False)

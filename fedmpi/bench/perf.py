@@ -36,7 +36,7 @@ printed as ratios:
 ``--quick`` shrinks everything (4 clients on 2,400 samples, 1 epoch, S = 2, 1 measured
 round; the scaling runs are that job at ``-n 3`` and ``-n 5``) so that a test can run it
 end to end; its numbers are not the issue's. The MNIST files come from ``--root``, else
-``$FEDMPI_DATA_ROOT``, else ``../shared/data`` beside the repository. Timings on a
+``$FEDMPI_DATA_ROOT``, else the repository's ``data/`` folder. Timings on a
 machine that other work is using are noisy: the 1-minute load average at the start is
 printed (run it when that is well below the core count).
 """
@@ -144,8 +144,7 @@ def default_root() -> str:
     env = os.environ.get("FEDMPI_DATA_ROOT")
     if env:
         return env
-    shared = REPO.parent / "shared" / "data"
-    return str(shared) if shared.is_dir() else "data"
+    return str(REPO / "data")
 
 
 # ---------------------------------------------------------------------------- counting
@@ -578,7 +577,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--bare-steps", type=int, default=0,
                    help="cap the bare SGD loop's steps (default: a whole round's)")
     p.add_argument("--root", default="", help="folder holding MNIST/raw (default "
-                   "$FEDMPI_DATA_ROOT, else ../shared/data beside the repository)")
+                   "$FEDMPI_DATA_ROOT, else the repository's data/)")
     p.add_argument("--out", default="", help="keep the run files here (default: a "
                    "temporary folder, removed)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per fedmpi run")
