@@ -38,7 +38,7 @@ torchvision's on-disk layout; torchvision downloads them only if ``data.download
   (3SFC's EMNIST: 50,000 / 10,000). CIFAR batch files are checked against torchvision's
   md5 sums unless ``data.check_md5 = false``.
 
-Partitions (all driven by an explicit ``numpy.random.Generator``; ALGORITHMS.md section 6)
+Partitions (all driven by an explicit ``numpy.random.Generator``; docs/algorithms.md section 6)
   ``natural``    the generator's own clients (synthetic only).
   ``iid``        a uniform random split into near-equal parts.
   ``dirichlet``  (variant A) per-class Dirichlet over clients, as 3SFC's ``split_noniid``:

@@ -1,6 +1,6 @@
 """The HDF5 run file: writer (rank 0 only) and reader (analysis scripts, tests).
 
-Layout (DESIGN.md):
+Layout (docs/design.md):
 
 * root attributes: ``fedmpi_version``, ``git_commit``, ``mpi_size``, ``start_time``,
   ``config`` (the resolved config as TOML text), ``dense_bytes``, ``num_params``, and

@@ -4,7 +4,7 @@ The image models are those of the 3SFC code (Zhou et al., "Communication-Efficie
 Federated Learning with Single-Step Synthetic Features Compressor for Faster
 Convergence", ICCV 2023; ``Soptq/iccv23-3sfc``, ``models/*.py``), which removes every
 BatchNorm and Dropout layer; all convolutions and linear layers carry a bias. Parameter
-counts are pinned by the tests (ALGORITHMS.md section 2.4).
+counts are pinned by the tests (docs/algorithms.md section 2.4).
 
 * ``mlp``: ``Linear(D_in, 200) - ReLU - Linear(200, 200) - ReLU - Linear(200, C)`` on the
   flattened input (``model.hidden`` = 200): 199,210 parameters on MNIST, 209,662 on

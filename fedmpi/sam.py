@@ -19,7 +19,7 @@ Every ascent is ``eps = rho g / (||g||_2 + 1e-12)`` with the *global* L2 norm ov
 parameter tensors (SAM, Foret et al., ICLR 2021), or with ``sam.adaptive`` ASAM's
 ``eps = rho T^2 g / (||T g||_2 + 1e-12)``, ``T = |w|`` elementwise (Kwon et al., ICML
 2021; T as in the FL-Simulator ``ESAM`` optimizer, applied to every tensor). Only the
-direction ``g`` differs between estimators (ALGORITHMS.md §0.1, §3). ``rho = 0`` gives
+direction ``g`` differs between estimators (docs/algorithms.md §0.1, §3). ``rho = 0`` gives
 ``eps = 0`` exactly, i.e. plain local SGD (mofedsam: with ``alpha = 1``).
 
 Estimators and their extra downlink (uplink is never touched):
@@ -43,7 +43,7 @@ Estimators and their extra downlink (uplink is never touched):
   L1-like norm.) 0 B.
 * ``fedsynsam``: FedSynSAM (Gu, Jin, Zhang, Dai, "Gradient Compression May Hurt
   Generalization: A Remedy by Synthetic Data Guided Sharpness Aware Minimization", arXiv
-  2602.11584, 2026), as reconstructed in ALGORITHMS.md §1.3 (the paper's body was not
+  2602.11584, 2026), as reconstructed in docs/algorithms.md §1.3 (the paper's body was not
   available): after round t the server distils the global trajectory segment
   w^t -> w^{t+1} into a synthetic set S = (X, Y) (M samples of the input shape, soft labels
   M x C) with the 3SFC objective at w^t, ``min 1 - |cos(grad_w CE(f_{w^t}(X), Y),

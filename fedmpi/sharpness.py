@@ -1,6 +1,6 @@
 """Sharpness of the training loss at a model: top Hessian eigenvalues, trace, SAM sharpness.
 
-The measures used to show that compression sharpens the loss landscape (ALGORITHMS.md §5;
+The measures used to show that compression sharpens the loss landscape (docs/algorithms.md §5;
 FedSynSAM, Gu et al., arXiv 2602.11584, reports "flatter loss landscapes"; FedGloSS,
 Caldarola et al., CVPR 2025, reports the top-5 eigenvalues):
 

@@ -105,7 +105,7 @@ def test_apportion_sums_exactly_and_covers_every_tensor(sizes, data):
 
 def test_ratio_counts_round_before_ceiling():
     assert wire.ceil_count(0.01, 200) == 2  # 0.01 * 200 = 2.0000000000000004
-    assert wire.ceil_count(0.01, 11_169_162) == 111_692  # ALGORITHMS.md §4.1
+    assert wire.ceil_count(0.01, 11_169_162) == 111_692  # docs/algorithms.md §4.1
     assert wire.ceil_count(1e-6, 10) == 1
     assert wire.sparse_counts([784, 10], True, 0.01) == [8, 1]
     assert wire.sparse_counts([784, 10], False, 0.01) == [8]
@@ -127,7 +127,7 @@ def test_budget_counts_and_errors_name_the_key():
 
 
 def test_golomb_parameter_worked_numbers():
-    # ALGORITHMS.md §4.4: p = 1/400 -> b* = 8, b_bar = 10.11; p = 1% -> b* = 6, 8.11
+    # docs/algorithms.md §4.4: p = 1/400 -> b* = 8, b_bar = 10.11; p = 1% -> b* = 6, 8.11
     assert wire.golomb_parameter(1 / 400) == 8
     assert wire.golomb_expected_bits(1 / 400) == pytest.approx(10.11, abs=0.01)
     assert wire.golomb_parameter(0.01) == 6

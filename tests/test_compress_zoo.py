@@ -1,5 +1,5 @@
 """The compressor zoo (topk, randk, dgc, signsgd, stc, qsgd): wire round trips from bytes,
-byte formulas, error feedback, and each method's defining property (ALGORITHMS.md §4)."""
+byte formulas, error feedback, and each method's defining property (docs/algorithms.md §4)."""
 
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def test_error_feedback_invariant(name, keys):
 
 
 def test_mlp_byte_counts_of_the_spec():
-    """ALGORITHMS.md §4: MLP signSGD 24,926 B; top-k 1% with 3-byte indices."""
+    """docs/algorithms.md §4: MLP signSGD 24,926 B; top-k 1% with 3-byte indices."""
     x = vec(3, MLP.d)
     assert make("signsgd", MLP).encode(x, None, ctx(spec=MLP))[0].nbytes == 24_926
     k = 1568 + 2 + 400 + 2 + 20 + 1  # ceil(1% of each tensor)

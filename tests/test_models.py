@@ -1,4 +1,4 @@
-"""Models: parameter counts of ALGORITHMS.md section 2.4, forward/backward for every model x
+"""Models: parameter counts of docs/algorithms.md section 2.4, forward/backward for every model x
 dataset pair, no BatchNorm/Dropout, model/dataset mismatches as config errors."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Deep Gradient Compression (Lin, Han, Mao, Wang & Dally, ICLR 2018), as in ALGORITHMS.md
+"""Deep Gradient Compression (Lin, Han, Mao, Wang & Dally, ICLR 2018), as in docs/algorithms.md
 §4.3 and the authors' code (``synxlin/deep-gradient-compression``: ``dgc/compression.py``,
 ``dgc/memory.py``), applied once per round to a client's update ``g = Delta_i``.
 
@@ -8,7 +8,7 @@ Per client, per round, per parameter tensor (state ``u``, ``v`` lives on the own
    ``<= clip_norm`` (DGC sets it to ``thr * N**-0.5`` for N workers);
 2. momentum correction: ``u <- m u + g;  v <- v + u`` (Nesterov: ``u <- m (u + g);
    v <- v + u + g``); with ``momentum = 0`` this is plain residual accumulation
-   ``v <- v + g``, which is how ALGORITHMS.md §4.3 maps DGC to FL;
+   ``v <- v + g``, which is how docs/algorithms.md §4.3 maps DGC to FL;
 3. threshold: the top ``ratio_t`` share of ``|v|``, estimated on a strided sample of
    ``max(sample_ratio * n, 2 / ratio_t)`` entries (random start); if more than 1.3 k entries
    pass, the exact top-k of those is taken; if fewer than 0.8 k pass, the threshold is

@@ -3,7 +3,7 @@
 Hu, Goetz, Malik, Zhan, Liu, Liu, Zhang, Sarwar, "FedSynth: Gradient Compression via
 Synthetic Data in Federated Learning", arXiv 2204.01273 (2022), in the form the 3SFC
 authors compared against (``Soptq/iccv23-3sfc`` / ``Soptq/e-3sfc``, ``compute_fedsynth``;
-fedmpi ALGORITHMS.md sections 2.7 and 4.7). Config name ``fedsynth``.
+fedmpi docs/algorithms.md sections 2.7 and 4.7). Config name ``fedsynth``.
 
 Encoder (client): K synthetic batches of M samples, X (K, M, *input shape) and soft labels
 Y (K, M, C), start from N(0, 1). The decoder replays them: K plain SGD steps

@@ -1,6 +1,6 @@
 """QSGD stochastic quantization (Alistarh, Grubic, Li, Tomioka & Vojnovic, "QSGD:
 Communication-efficient SGD via gradient quantization and encoding", NeurIPS 2017), as in
-ALGORITHMS.md §4.6: the unbiased compressor.
+docs/algorithms.md §4.6: the unbiased compressor.
 
 The flat update is cut into buckets of ``bucket`` consecutive entries (0 = one bucket of
 all ``d``). In a bucket ``v`` with ``s = levels``:

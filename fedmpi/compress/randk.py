@@ -1,5 +1,5 @@
 """Random-k sparsification (Stich et al., "Sparsified SGD with memory", NeurIPS 2018;
-Wangni et al., NeurIPS 2018), as in ALGORITHMS.md §4.2.
+Wangni et al., NeurIPS 2018), as in docs/algorithms.md §4.2.
 
 Keep a uniformly random k-subset of the ``d`` entries, ``k = ceil(ratio * d)`` (or what
 ``budget_bytes`` buys). ``scaled = true``: the decoder multiplies by ``d / k``, which makes

@@ -1,7 +1,7 @@
 """signSGD, as EF-signSGD (Karimireddy, Rebjock, Stich & Jaggi, "Error feedback fixes
 SignSGD and other gradient compression schemes", ICML 2019; reference ``scaled_sign``) or
 with majority vote (Bernstein, Zhao, Azizzadenesheli & Anandkumar, ICLR 2019), as in
-ALGORITHMS.md §4.5.
+docs/algorithms.md §4.5.
 
 * ``scale = "l1"`` (EF-signSGD): ``C(p) = (||p_l||_1 / n_l) sign(p_l)`` for each parameter
   tensor ``l`` (or with one scale over all of ``d`` when ``per_layer = false``). The error

@@ -1,6 +1,6 @@
 """Sparse Ternary Compression (Sattler, Wiedemann, Müller & Samek, "Robust and
 communication-efficient federated learning from non-i.i.d. data", IEEE TNNLS 2019), as in
-ALGORITHMS.md §4.4 and ``felisat/federated-learning`` (``compression_utils.stc``).
+docs/algorithms.md §4.4 and ``felisat/federated-learning`` (``compression_utils.stc``).
 
 Per tensor (``per_layer = true``, Sattler's code) or over the whole vector: keep the
 ``k_l = ceil(ratio * n_l)`` entries of largest magnitude, ``mu_l = mean |top-k_l values|``

@@ -1,5 +1,5 @@
 """Top-k sparsification (Aji & Heafield, EMNLP 2017; Stich et al., "Sparsified SGD with
-memory", NeurIPS 2018), as in ALGORITHMS.md §4.1.
+memory", NeurIPS 2018), as in docs/algorithms.md §4.1.
 
 Keep the ``k`` entries of largest magnitude, either over the whole vector (``per_layer =
 false``: ``k = ceil(ratio * d)``) or within each parameter tensor (``per_layer = true``, as
