@@ -186,7 +186,7 @@ class ClientConfig:
 class CompressorConfig:
     name: str = "identity"  #: see fedmpi.compress.REGISTRY
     #: wrap the compressor in error feedback (u = update + e; e = u - C(u)); unset = the
-    #: compressor's default (true for 3sfc, false for the others)
+    #: compressor's default (true for 3sfc and the *_3sfc baselines, false otherwise)
     ef: bool = False
     #: dense = broadcast w^t as fp32; same = compress the server step with this method and
     #: a server-side residual, broadcast only that (STC up/down, E-3SFC double-way)
