@@ -327,9 +327,10 @@ def claims(entries: dict[Cell, Entry], tol: float) -> list[str]:
            "`paper` = the baselines as the authors' code runs them; `standard` = fedmpi's "
            "standard DGC, EF-signSGD and STC at the same bytes. Per seed: fedmpi runs of "
            "the same seed share the partition and initialisation, so 3SFC and the "
-           "baseline are compared seed by seed. *holds* = the mean difference and every "
-           "seed agree; *does not hold* = the mean and every seed disagree; otherwise "
-           "*inconclusive at this n*. Comparable = |mean difference| <= tol.", "",
+           "baseline are compared seed by seed. With two seeds or more: *holds* = the mean "
+           "difference and every seed agree; *does not hold* = the mean and every seed "
+           "disagree; otherwise *inconclusive at this n*; one seed is always inconclusive. "
+           "Comparable = |mean difference| <= tol.", "",
            "| column | clients | claim | family | 3SFC − baseline, mean (per seed) | n | result |",
            "|---|---|---|---|---|---|---|"]
     groups = {(c.column, c.clients) for c in entries if c.table == 2}
@@ -352,7 +353,9 @@ def claims(entries: dict[Cell, Entry], tol: float) -> list[str]:
                     continue
                 mean = float(diffs.mean())
                 per = ", ".join(f"{d:+.4f}" for d in diffs)
-                if kind == "better":
+                if len(seeds) < 2:  # one seed cannot tell a difference from seed noise
+                    result = "inconclusive at n = 1"
+                elif kind == "better":
                     if mean > 0 and (diffs > 0).all():
                         result = "holds"
                     elif mean < 0 and (diffs < 0).all():

@@ -23,7 +23,8 @@ PROTOCOL = {
 METHODS = {"fedavg": {"name": "identity"}, "3sfc": {"name": "3sfc", "ef": True},
            "3sfc-noef": {"name": "3sfc", "ef": False},
            "dgc": {"name": "topk_3sfc", "budget_bytes": 3180},
-           "signsgd": {"name": "signsgd_3sfc"}, "dgc-std": {"name": "dgc", "budget_bytes": 3180}}
+           "signsgd": {"name": "signsgd_3sfc"}, "dgc-std": {"name": "dgc", "budget_bytes": 3180},
+           "stc-std": {"name": "stc", "ef": True, "ratio": 0.22}}
 
 
 def fabricate(folder, method: str, seed: int, accs, uplink: int = 100, **changes) -> None:
@@ -66,6 +67,7 @@ def test_report_cells_verdicts_and_claims(tmp_path, reproduce, monkeypatch):
     fabricate(runs, "dgc-std", 0, [0.5, 0.6, 0.90], uplink=40)  # better than 3SFC on seed 0
     fabricate(runs, "dgc-std", 1, [0.5, 0.6, 0.85], uplink=40)  # worse on seed 1
     fabricate(runs, "3sfc-noef", 0, [0.5, 0.6, 0.70])
+    fabricate(runs, "stc-std", 0, [0.5, 0.6, 0.881], uplink=40)  # one seed only
     fabricate(runs, "signsgd", 0, [0.5, 0.6, 0.95], client__lr=0.05)  # off the protocol
     authors = tmp_path / "authors"
     authors.mkdir()
@@ -102,6 +104,10 @@ def test_report_cells_verdicts_and_claims(tmp_path, reproduce, monkeypatch):
     claims = [line for line in text.splitlines() if "higher test accuracy than DGC" in line]
     assert "| paper | +0.0800 (+0.0800, +0.0800) | 2 | holds |" in claims[0]
     assert "| standard | +0.0100 (-0.0200, +0.0400) | 2 | inconclusive at this n |" in claims[1]
+    stc = [line for line in text.splitlines() if "comparable to STC" in line]
+    assert "| standard | -0.0010 (-0.0010) | 1 | inconclusive at n = 1 |" in stc[1]
+    signsgd = [line for line in text.splitlines() if "comparable to signSGD" in line]
+    assert "| paper | — | 0 | no runs |" in signsgd[0]  # its only run is off the protocol
     assert (tmp_path / "report-curves.png").stat().st_size > 1000
 
 
