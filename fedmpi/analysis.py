@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from fedmpi.config import tomllib
-from fedmpi.metrics import Run, open_run
+from fedmpi.metrics import Run, RunFileError, open_run
 
 #: display names (config name -> paper name); unknown names are shown as they are
 COMPRESSORS = {"identity": "FedAvg", "3sfc": "3SFC", "fedsynth": "FedSynth", "dgc": "DGC",
@@ -119,6 +119,9 @@ def load(paths: Iterable[str], include_incomplete: bool = False,
     for p in find_files(paths):
         try:
             run = open_run(p)
+        except RunFileError as exc:  # truncated, corrupt: named in about a second
+            warn(f"skipping {exc}")
+            continue
         except (OSError, KeyError) as exc:
             warn(f"skipping {p}: not a readable run file ({exc})")
             continue

@@ -45,7 +45,7 @@ HEADER = 5  # round, control bits, downlink bytes, participants, estimator bytes
 SLOT = 8  # per owned client: id, participated, payload bytes, loss, efficiency, n, steps,
 #          divergence code (fedmpi.client.DIVERGED)
 USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.ResumeError, FileExistsError,
-               PermissionError)
+               PermissionError, metrics.RunFileError)
 
 
 class StopRun(Exception):

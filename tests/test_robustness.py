@@ -1,0 +1,174 @@
+"""Nothing hangs and nothing is silently lost (issue 20): damaged run files and checkpoints,
+concurrent runs of one name, frozen ranks, full disks, stale checkpoints, inputs that
+used to end in a traceback, divergence bookkeeping.
+
+Every case runs the real thing: ``mpiexec`` jobs, real truncated / corrupted files, a
+real SIGSTOP, a real tiny tmpfs (skipped with the reason where it cannot be mounted).
+Times are printed (``-s``) for the README's failure table; the assertions bound them only
+generously, to catch hangs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedmpi import config, launch
+
+from .conftest import REPO, SMALL
+
+FAULTY = str(Path(__file__).with_name("faulty.py"))
+HANG = 60  #: seconds: anything slower than this counts as a hang
+
+
+def env_with_repo(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = launch.environment()
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
+
+
+def timed(label: str, cmd: list[str], timeout: float = HANG, **kw):
+    """Run ``cmd``; (process, seconds). A run past ``timeout`` fails the test as a hang."""
+    kw.setdefault("env", env_with_repo())
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              cwd=str(REPO), **kw)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{label}: still running after {timeout} s (hangs)")
+    took = time.monotonic() - t0
+    print(f"\n[timing] {label}: exit {proc.returncode} after {took:.1f} s")
+    return proc, took
+
+
+def train_cmd(n: int, out_dir, args=(), name: str = "run", faulty: bool = False):
+    cmd = launch.command(n, "fedmpi.train", [*SMALL, "--set", f"run.name={name}", "--set",
+                                             f"run.out_dir={out_dir}", "--quiet", *args])
+    if faulty:  # python -m mpi4py tests/faulty.py ...
+        i = cmd.index("fedmpi.train")
+        cmd = [*cmd[:i - 1], FAULTY, *cmd[i + 1:]]
+    return cmd
+
+
+# ---------------------------------------------------------------- damaged run files
+
+
+def small_config(out_dir, name: str) -> config.Config:
+    """The conftest SMALL job as a Config."""
+    return config.load(None, [a for a in SMALL if a != "--set"]
+                       + [f"run.out_dir={out_dir}", f"run.name={name}"])
+
+
+def write_run(path: Path, cfg: config.Config, rows: int = 4, crash: bool = False) -> None:
+    """A real run file from RunWriter (SWMR): complete, or its writer dies mid-run (the
+    file keeps the SWMR "open for write" flag, as after a crash or a SIGKILL)."""
+    code = (
+        "import os, sys, numpy as np\n"
+        "from fedmpi import config\n"
+        "from fedmpi.metrics import RunWriter\n"
+        "cfg = config.loads(open(sys.argv[2]).read())\n"
+        "n = cfg.data.num_clients\n"
+        "w = RunWriter(sys.argv[1], cfg, 1, n, np.ones((n, 10)), swmr=True,\n"
+        "              attrs={'num_params': 1000, 'dense_bytes': 4000})\n"
+        f"for r in range({rows}):\n"
+        "    w.append({'round': r, 'test_acc': 0.5}, {})\n"
+        f"if {crash}:\n"
+        "    os._exit(0)\n"
+        "w.close(complete=True)\n")
+    toml = path.with_suffix(".toml.src")
+    toml.write_text(config.to_toml(cfg))
+    subprocess.run([sys.executable, "-c", code, str(path), str(toml)], check=True,
+                   env=env_with_repo(), timeout=HANG)
+    toml.unlink()
+
+
+def damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[:len(data) // 2]
+    else:  # 4 KB of flipped bytes in the metadata (group and dataset headers)
+        data[600:600 + 4096] = bytes(b ^ 0xFF for b in data[600:600 + 4096])
+    path.write_bytes(bytes(data))
+
+
+READ = "import sys; from fedmpi.metrics import open_run; open_run(sys.argv[1])"
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["complete", "crashed-swmr"])
+@pytest.mark.parametrize("how", ["truncated", "flipped"])
+def test_damaged_run_file_fails_fast_in_every_reader(tmp_path, how, crash):
+    cfg = small_config(tmp_path, "bad")
+    bad = tmp_path / "bad.h5"
+    write_run(bad, cfg, crash=crash)
+    damage(bad, how)
+
+    proc, took = timed(f"open_run, {how} {'crashed' if crash else 'complete'} file",
+                       [sys.executable, "-c", READ, str(bad)])
+    assert proc.returncode == 1 and "RunFileError" in proc.stderr, proc.stderr
+    assert f"{bad}: not a readable run file" in proc.stderr
+    assert took < 20
+
+    good = tmp_path / "good.h5"
+    write_run(good, small_config(tmp_path, "good"))
+    for script in ("table.py", "summary.py"):
+        proc, took = timed(f"analysis/{script} on a {how} file",
+                           [sys.executable, f"analysis/{script}", str(tmp_path)])
+        assert proc.returncode == 0, proc.stderr  # the good run is reported
+        assert f"skipping {bad}: not a readable run file" in proc.stderr
+        assert took < 30
+
+
+def write_sweep(path: Path, out_dir: Path) -> Path:
+    path.write_text(f"""
+[run]
+rounds = 3
+threads = 1
+out_dir = "{out_dir}"
+[data]
+num_clients = 6
+[client]
+local_steps = 3
+[model]
+hidden = 32
+[sweep]
+seeds = [0, 1]
+""")
+    return path
+
+
+def test_sweep_lists_and_skips_a_damaged_run_file(tmp_path):
+    from fedmpi import sweep
+
+    out = tmp_path / "out"
+    f = write_sweep(tmp_path / "s.toml", out)
+    first, second = sweep.load(str(f)).points
+    out.mkdir()
+    write_run(Path(first.path), first.config, crash=True)
+    damage(Path(first.path), "truncated")
+    proc, took = timed("sweep --list with a damaged file",
+                       [sys.executable, "-m", "fedmpi.sweep", str(f), "--list"])
+    assert proc.returncode == 0, proc.stderr
+    assert "1 damaged" in proc.stdout and f"damaged: {first.path}" in proc.stdout
+    proc, took = timed("sweep --local with a damaged file",
+                       [sys.executable, "-m", "fedmpi.sweep", str(f), "--local", "--dry-run"])
+    assert f"skip {first.name}: {first.path}: not a readable run file" in proc.stdout
+    assert proc.stdout.count("fedmpi.train") == 1  # only the pending point would run
+    assert proc.returncode == 1  # the damaged point is not done: the sweep says so
+
+
+def test_resume_of_a_damaged_run_file_exits_2(tmp_path):
+    cfg = small_config(tmp_path, "run")
+    path = tmp_path / "run.h5"
+    write_run(path, cfg, rows=2, crash=True)
+    damage(path, "flipped")
+    proc, took = timed("train --resume on a damaged run file",
+                       train_cmd(2, tmp_path, ["--resume"]))
+    assert proc.returncode == 2, proc.stderr
+    assert f"{path}: not a readable run file" in proc.stderr
+    assert "Traceback" not in proc.stderr
