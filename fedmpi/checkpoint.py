@@ -54,6 +54,19 @@ def path_for(cfg: config.Config) -> str:
     return cfg.checkpoint.path or os.path.join(cfg.run.out_dir, f"{cfg.run.name}.ckpt")
 
 
+def discard(path: str) -> bool:
+    """Remove the checkpoint at ``path`` and a leftover ``.tmp``; True if there was one.
+    ``--overwrite`` starts a new run: a later ``--resume`` must not find the old state."""
+    found = False
+    for p in (path, f"{path}.tmp"):
+        try:
+            os.remove(p)
+            found = found or p == path
+        except FileNotFoundError:
+            pass
+    return found
+
+
 def differences(a: config.Config, b: config.Config) -> list[str]:
     """Config keys (section.key) whose values differ, ignoring :data:`FREE_KEYS`."""
     da, db = config.to_dict(a), config.to_dict(b)

@@ -23,7 +23,6 @@ import argparse
 import os
 import resource
 import sys
-import tempfile
 import time
 import traceback
 
@@ -37,6 +36,7 @@ from fedmpi.compress import ModelSpec
 from fedmpi.fitpool import open_pool, pooled
 from fedmpi.gate import job_key, open_gate
 from fedmpi.models import FlatModel, build_module
+from fedmpi.outputs import claim, probe_dir, release_all
 from fedmpi.server import Server, sample_participants
 
 TAG_INIT = 401
@@ -89,17 +89,18 @@ def fmt_bytes(n: float) -> str:
 
 
 def output_path(cfg: config.Config, overwrite: bool, resume: bool = False) -> str:
-    out = os.path.abspath(cfg.run.out_dir)
-    try:  # a real write probe: permission bits say nothing to root or on read-only mounts
-        os.makedirs(out, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".fedmpi-probe-"):
-            pass
-    except OSError as exc:
-        raise PermissionError(f"run.out_dir: {out} is not writable ({exc.strerror})") from None
+    """Rank 0, before any slow work: probe the output folders, claim the run file for this
+    job (fedmpi.outputs: a second job with this run.name is refused), check it."""
+    probe_dir(cfg.run.out_dir, "run.out_dir")
     path = os.path.join(cfg.run.out_dir, f"{cfg.run.name}.h5")
+    claim(path)  # first: two jobs started together cannot both pass the check
     if os.path.exists(path) and not (overwrite or resume):
         raise FileExistsError(f"run.name: {path} exists; pass --overwrite to replace it or "
                               "choose another run.name")
+    ckpt = checkpoint.path_for(cfg)
+    probe_dir(os.path.dirname(os.path.abspath(ckpt)), "checkpoint.path")
+    if overwrite and not resume and checkpoint.discard(ckpt):
+        print(f"fedmpi: --overwrite: removed the old run's checkpoint {ckpt}", flush=True)
     return path
 
 
@@ -493,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         if t.size > 1:
             t.abort(1)
         code = 1
+    release_all()  # the run file's lock (rank 0)
     finalize_and_exit(code)
 
 

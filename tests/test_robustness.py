@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from fedmpi import config, launch
+from fedmpi.metrics import open_run
 
 from .conftest import REPO, SMALL
 
@@ -172,3 +173,54 @@ def test_resume_of_a_damaged_run_file_exits_2(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"{path}: not a readable run file" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- one run file, one job
+
+
+def test_two_jobs_with_one_name_one_is_refused(tmp_path):
+    """Both start together and load data slowly (3 s): before the claim, both passed the
+    "file exists" check and then wrote the same file."""
+    env = env_with_repo({"FEDMPI_TEST_FAULT": "slowload:0:3"})
+    cmds = [train_cmd(2, tmp_path, faulty=True) for _ in range(2)]
+    t0 = time.monotonic()
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env, cwd=str(REPO)) for c in cmds]
+    results = [p.communicate(timeout=HANG) for p in procs]
+    print(f"\n[timing] second job with the same run.name: refused; both done after "
+          f"{time.monotonic() - t0:.1f} s")
+    codes = sorted(p.returncode for p in procs)
+    errs = "".join(err for _, err in results)
+    assert codes == [0, 2], errs
+    assert "is in use by another fedmpi job (pid " in errs and "Traceback" not in errs
+    run = open_run(str(tmp_path / "run.h5"))
+    assert run.complete and len(run) == 3
+    assert not (tmp_path / "run.h5.lock").exists()  # released at the end
+
+
+def test_checkpoint_path_unwritable_is_refused_at_start(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc, took = timed("checkpoint.path not writable",
+                       train_cmd(2, tmp_path, ["--set", f"checkpoint.path={blocker}/c.ckpt"]))
+    assert proc.returncode == 2, proc.stderr
+    assert f"checkpoint.path: {blocker} is not writable" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run.h5").exists()
+
+
+def test_overwrite_removes_the_old_runs_checkpoint(tmp_path):
+    """A run checkpointed at round 2 and killed; --overwrite starts a new one, which is
+    killed before its first row: --resume must start afresh, not from the old state."""
+    env = env_with_repo({"FEDMPI_TEST_FAULT": "kill:1:3"})
+    every = ["--set", "checkpoint.every=2", "--set", "run.rounds=4"]
+    proc, _ = timed("killed run", train_cmd(2, tmp_path, every, faulty=True), env=env)
+    assert proc.returncode != 0 and (tmp_path / "run.ckpt").exists()
+    env["FEDMPI_TEST_FAULT"] = "kill:1:0"
+    proc, _ = timed("--overwrite, killed", train_cmd(2, tmp_path, [*every, "--overwrite"],
+                                                       faulty=True), env=env)
+    assert proc.returncode != 0
+    assert not (tmp_path / "run.ckpt").exists(), "the old run's checkpoint survived"
+    proc, _ = timed("--resume after --overwrite", train_cmd(2, tmp_path, [*every, "--resume"]))
+    assert proc.returncode == 0, proc.stderr
+    run = open_run(str(tmp_path / "run.h5"))
+    assert run.complete and list(run.rounds["round"]) == [0, 1, 2, 3]
