@@ -419,8 +419,7 @@ def resume_state(cfg: config.Config, path: str, device) -> dict | str | None:
         return None
     state = checkpoint.load(ckpt, device)
     checkpoint.check_same_run(state["config"], cfg, ckpt)
-    if not os.path.exists(path):
-        raise checkpoint.ResumeError(f"{ckpt} exists but its run file {path} does not")
+    checkpoint.check_resumable(state, cfg.run.rounds, ckpt, path)
     return state
 
 

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,61 @@ def test_overwrite_removes_the_old_runs_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr
     run = open_run(str(tmp_path / "run.h5"))
     assert run.complete and list(run.rounds["round"]) == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def killed_with_checkpoint(tmp_path, rounds: int = 4):
+    """A run checkpointed at the top of round 2 and SIGKILLed in round 3."""
+    env = env_with_repo({"FEDMPI_TEST_FAULT": "kill:1:3"})
+    args = ["--set", "checkpoint.every=2", "--set", f"run.rounds={rounds}"]
+    proc, _ = timed("killed run", train_cmd(2, tmp_path, args, faulty=True), env=env)
+    assert proc.returncode != 0 and (tmp_path / "run.ckpt").exists(), proc.stderr
+    return args
+
+
+def flip_tensor_bytes(ckpt: Path, n: int = 4096) -> None:
+    """Flip ``n`` bytes inside the largest tensor storage of a checkpoint; the zip headers
+    and the pickle stay intact."""
+    with zipfile.ZipFile(ckpt) as z:  # (offsets include any bytes before the archive)
+        entry = max((i for i in z.infolist() if "/data/" in i.filename),
+                    key=lambda i: i.file_size)
+    data = bytearray(ckpt.read_bytes())
+    name_len, extra_len = (int.from_bytes(data[entry.header_offset + k:entry.header_offset
+                                               + k + 2], "little") for k in (26, 28))
+    start = entry.header_offset + 30 + name_len + extra_len
+    n = min(n, entry.file_size)
+    data[start:start + n] = bytes(b ^ 0x5A for b in data[start:start + n])
+    ckpt.write_bytes(bytes(data))
+
+
+def test_damaged_checkpoint_is_refused(tmp_path):
+    args = killed_with_checkpoint(tmp_path)
+    ckpt = tmp_path / "run.ckpt"
+    flip_tensor_bytes(ckpt)
+    proc, took = timed("--resume from a checkpoint with flipped bytes",
+                       train_cmd(2, tmp_path, [*args, "--resume"]))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{ckpt}: the checkpoint is damaged" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not open_run(str(tmp_path / "run.h5")).complete
+
+
+def test_resume_with_fewer_rounds_than_the_checkpoint_is_refused(tmp_path):
+    args = killed_with_checkpoint(tmp_path)
+    proc, took = timed("--resume with run.rounds below the checkpoint's round",
+                       train_cmd(2, tmp_path, [*args, "--resume", "--set", "run.rounds=1"]))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "run.rounds: 1, but the checkpoint" in proc.stderr and "finished 2" in proc.stderr
+    run = open_run(str(tmp_path / "run.h5"))
+    assert not run.complete and len(run) == 3  # untouched
+
+
+def test_resume_with_a_run_file_shorter_than_the_checkpoint_is_refused(tmp_path):
+    args = killed_with_checkpoint(tmp_path)
+    write_run(tmp_path / "run.h5", small_config(tmp_path, "run"), rows=1, crash=True)
+    proc, took = timed("--resume, run file shorter than the checkpoint",
+                       train_cmd(2, tmp_path, [*args, "--resume"]))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "has 1 round(s) but the checkpoint" in proc.stderr
