@@ -56,7 +56,7 @@ MODELS = {"mlp": "MLP", "logreg": "LogReg", "mnistnet": "MnistNet", "convnet": "
 IGNORED_SECTIONS = ("eval", "checkpoint")
 IGNORED_KEYS = {"run.name", "run.seed", "run.out_dir", "run.threads", "run.mpi_wait",
                 "run.mpi_poll_max_ms", "run.hdf5_swmr", "run.device", "data.root",
-                "data.download", "data.check_md5"}
+                "data.download", "data.check_md5", "run.round_timeout"}
 METHOD_SECTIONS = ("compressor", "sam")
 METHOD_KEYS = {"server.aggregation"}
 

@@ -47,7 +47,7 @@ EXIT_REQUEUE = 75  #: exit status after a signal-triggered checkpoint: "resume m
 
 #: keys that may differ between a run and its resumption
 FREE_KEYS = {"run": {"rounds", "threads", "mpi_wait", "mpi_poll_max_ms", "device",
-                     "hdf5_swmr", "compute_slots", "pool_fits"},
+                     "hdf5_swmr", "compute_slots", "pool_fits", "round_timeout"},
              "checkpoint": {"every", "path"}}
 
 

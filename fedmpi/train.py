@@ -31,7 +31,7 @@ import torch
 
 from fedmpi import checkpoint, compress, config, data, downlink, layout, metrics, sam, sharpness
 from fedmpi.client import DIVERGED, ClientGroup, Shard
-from fedmpi.comm import SERVER, Transport, finalize_and_exit
+from fedmpi.comm import SERVER, RoundLimit, Transport, WaitTimeout, finalize_and_exit
 from fedmpi.compress import ModelSpec
 from fedmpi.fitpool import open_pool, pooled
 from fedmpi.gate import job_key, open_gate
@@ -46,6 +46,9 @@ SLOT = 8  # per owned client: id, participated, payload bytes, loss, efficiency,
 #          divergence code (fedmpi.client.DIVERGED)
 USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.ResumeError, FileExistsError,
                PermissionError, metrics.RunFileError)
+
+#: failures that end the job with one message and no traceback (exit 1, every rank ends)
+FATAL = (WaitTimeout, checkpoint.CheckpointError)
 
 
 class StopRun(Exception):
@@ -218,9 +221,11 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     signals = checkpoint.SignalFlag()
     cpu0 = time.process_time()
     code = 0
+    limit = RoundLimit(cfg.run.round_timeout, t.is_server)
     for rnd in range(first, cfg.run.rounds):
         t0 = time.perf_counter()
         t.reset_counters()
+        t.begin_round(rnd, limit.next_round())
         if t.is_server:  # nothing here changes server state: a checkpoint may follow
             due = cfg.checkpoint.every and rnd > first and rnd % cfg.checkpoint.every == 0
             control = ((checkpoint.CONTROL_STOP if stopped else 0)
@@ -245,6 +250,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
                 print(f"fedmpi: signal {signals.raised}: checkpointed before round {rnd}; "
                       "rerun with --resume", file=sys.stderr, flush=True)
             break
+        t.expect_records(2 + max_slots * SLOT)
         participants = [int(i) for i in np.flatnonzero(header[HEADER:])]
         if t.is_server:
             down_client_bytes = (down_link.client_bytes(participants, rnd, down.size)
@@ -486,6 +492,11 @@ def main(argv: list[str] | None = None) -> None:
         if t.is_server and str(exc):
             print(f"fedmpi: error: {exc}", file=sys.stderr, flush=True)
         code = 2
+    except FATAL as exc:  # a frozen rank, a full disk: one message, no traceback
+        sys.stderr.write(f"fedmpi: error: {exc}\n")
+        if t.size > 1:
+            t.abort(1)
+        code = 1
     except BaseException:
         sys.stderr.write(f"fedmpi: rank {t.rank} of {t.size} failed:\n"
                          + traceback.format_exc())

@@ -11,6 +11,8 @@
   stop       -- RANK SIGSTOPs itself at the start of its work in ROUND (a frozen rank);
   huge       -- client RANK (a client id) returns an update of 1e30s in ROUND: finite, but
                 the global model's test loss overflows.
+With ``FEDMPI_TEST_MARK = PATH``, the faulty rank writes the time (``time.time()``) to
+PATH just before a kill or stop, so a test can time what follows from the fault on.
 Launch: ``mpiexec -n N python -m mpi4py tests/faulty.py [fedmpi.train args]``.
 """
 
@@ -37,6 +39,9 @@ if kind in ("raise", "kill", "stop") and rank == who:
         if round_ == when:
             if kind == "raise":
                 raise RuntimeError(f"injected failure on rank {rank} in round {round_}")
+            if os.environ.get("FEDMPI_TEST_MARK"):
+                with open(os.environ["FEDMPI_TEST_MARK"], "w") as fh:
+                    fh.write(repr(time.time()))
             os.kill(os.getpid(), signal.SIGSTOP if kind == "stop" else signal.SIGKILL)
         return original(self, round_, participants)
 
