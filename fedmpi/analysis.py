@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from fedmpi.config import tomllib
-from fedmpi.metrics import Run, open_run
+from fedmpi.metrics import Run, RunFileError, open_run
 
 #: display names (config name -> paper name); unknown names are shown as they are
 COMPRESSORS = {"identity": "FedAvg", "3sfc": "3SFC", "fedsynth": "FedSynth", "dgc": "DGC",
@@ -56,7 +56,7 @@ MODELS = {"mlp": "MLP", "logreg": "LogReg", "mnistnet": "MnistNet", "convnet": "
 IGNORED_SECTIONS = ("eval", "checkpoint")
 IGNORED_KEYS = {"run.name", "run.seed", "run.out_dir", "run.threads", "run.mpi_wait",
                 "run.mpi_poll_max_ms", "run.hdf5_swmr", "run.device", "data.root",
-                "data.download", "data.check_md5"}
+                "data.download", "data.check_md5", "run.round_timeout"}
 METHOD_SECTIONS = ("compressor", "sam")
 METHOD_KEYS = {"server.aggregation"}
 
@@ -119,6 +119,9 @@ def load(paths: Iterable[str], include_incomplete: bool = False,
     for p in find_files(paths):
         try:
             run = open_run(p)
+        except RunFileError as exc:  # truncated, corrupt: named in about a second
+            warn(f"skipping {exc}")
+            continue
         except (OSError, KeyError) as exc:
             warn(f"skipping {p}: not a readable run file ({exc})")
             continue

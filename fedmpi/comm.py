@@ -53,6 +53,52 @@ def _displacements(counts: np.ndarray) -> np.ndarray:
     return displs
 
 
+#: tag of the per-rank round records (``gather_meta``, point to point when polled)
+TAG_META = 31
+
+
+class WaitTimeout(RuntimeError):
+    """A rank waited longer than its round limit (``Transport.wait_limit``) for the
+    others; ``missing``: on rank 0, the ranks whose round record had not arrived."""
+
+    def __init__(self, message: str, missing: list[int] | None = None):
+        self.missing = missing
+        super().__init__(message)
+
+
+#: ``run.round_timeout = 0`` (auto): a wait may last this many times the slowest round so
+#: far (each rank's own round: header to header) ...
+AUTO_FACTOR = 10.0
+#: ... and never less than this many seconds (the first round has nothing to go by)
+AUTO_FLOOR = 600.0
+#: client ranks wait this many times longer than rank 0, so that rank 0, the one that
+#: knows which ranks did not report, is the one that ends a stuck round
+CLIENT_SHARE = 2.0
+
+
+class RoundLimit:
+    """How long a rank may wait for the others in one round (``run.round_timeout``):
+    fixed seconds, auto (0: :data:`AUTO_FACTOR` x the slowest round so far, at least
+    :data:`AUTO_FLOOR`), or never (< 0); client ranks x :data:`CLIENT_SHARE`."""
+
+    def __init__(self, timeout: float, is_server: bool):
+        self.timeout = timeout
+        self.share = 1.0 if is_server else CLIENT_SHARE
+        self.slowest = 0.0
+        self.last: float | None = None
+
+    def next_round(self) -> float | None:
+        """Call at the top of every round: the limit of this round's waits (None = none)."""
+        now = time.perf_counter()
+        if self.last is not None:
+            self.slowest = max(self.slowest, now - self.last)
+        self.last = now
+        if self.timeout < 0:
+            return None
+        base = self.timeout or max(AUTO_FLOOR, AUTO_FACTOR * self.slowest)
+        return base * self.share
+
+
 #: a long wait's polls back off to this share of the time waited so far ...
 LONG_WAIT_SHARE = 0.005
 #: ... but never to more than this many seconds between two polls
@@ -72,6 +118,11 @@ class Transport:
         self.local_size = self.node.Get_size()
         self.client_ranks: list[int] = []  # set by set_client_ranks
         self.counters = Counters()
+        #: seconds a polled wait of this round may take before WaitTimeout (None = no
+        #: limit; ``mpi_wait = "block"`` calls cannot time out); set by ``begin_round``
+        self.wait_limit: float | None = None
+        self.round = -1  #: the round in progress (0-based; for messages)
+        self._meta: tuple[np.ndarray, dict[int, MPI.Request]] | None = None
 
     # ------------------------------------------------------------------ basics
     @property
@@ -85,14 +136,37 @@ class Transport:
         old, self.counters = self.counters, Counters()
         return old
 
-    def _wait(self, req: MPI.Request) -> None:
+    def begin_round(self, rnd: int, limit: float | None) -> None:
+        """Top of a round: its number and the limit of its waits (:class:`RoundLimit`)."""
+        self.round, self.wait_limit = rnd, limit
+
+    def expect_records(self, record_size: int) -> None:
+        """Rank 0, once the round goes ahead (after its header): post the receives of
+        every rank's round record (``gather_meta``) now, so that a wait that runs out
+        anywhere in the round can name the ranks that have not reported."""
+        if self.is_server and self.wait_mode != "block" and self.size > 1:
+            self._post_meta(record_size)
+
+    def _post_meta(self, record_size: int) -> None:
+        out = np.empty((self.size, record_size), dtype=np.float64)
+        self._meta = out, {r: self.comm.Irecv([out[r], MPI.DOUBLE], source=r, tag=TAG_META)
+                           for r in range(1, self.size)}
+
+    def unreported(self) -> list[int]:
+        """Rank 0: the ranks whose record of this round has not arrived (posted ones)."""
+        if self._meta is None:
+            return []
+        return [r for r, req in self._meta[1].items() if not req.Test()]
+
+    def _wait(self, req: MPI.Request, what: str = "the others") -> None:
         if self.wait_mode == "block":
             req.Wait()
             return
-        self._poll(req.Test)
+        self._poll(req.Test, what)
 
-    def _poll(self, done: Callable[[], bool]) -> None:
-        """Call ``done`` until it says True, sleeping in between (see ``_wait``)."""
+    def _poll(self, done: Callable[[], bool], what: str = "the others") -> None:
+        """Call ``done`` until it says True, sleeping in between (see ``_wait``); past
+        ``wait_limit`` seconds raise :class:`WaitTimeout` saying who is missing."""
         delay = 2e-5
         start = time.perf_counter()
         while not done():
@@ -104,6 +178,22 @@ class Transport:
             waited = time.perf_counter() - start
             delay = min(delay * 2.0, max(self.poll_max, min(LONG_WAIT_MAX,
                                                               LONG_WAIT_SHARE * waited)))
+            if self.wait_limit is not None and waited > self.wait_limit:
+                raise self._timeout(what, waited)
+
+    def _timeout(self, what: str, waited: float) -> WaitTimeout:
+        head = (f"round {self.round + 1}: rank {self.rank} waited {waited:.0f} s for {what} "
+                f"(its limit, see run.round_timeout)")
+        tail = "; aborting the job"
+        if not self.is_server:
+            return WaitTimeout(f"{head}: rank 0 (the server) or a rank it waits for is "
+                               f"frozen or gone{tail}")
+        missing = self.unreported()
+        if missing:
+            return WaitTimeout(f"{head}: rank(s) {', '.join(map(str, missing))} did not "
+                               f"report (frozen, or waiting on a frozen rank){tail}", missing)
+        return WaitTimeout(f"{head}: every rank sent its round record, one stalled after "
+                           f"it{tail}", [])
 
     def _timed(self, fn: Callable[[], None]) -> None:
         t0 = time.perf_counter()
@@ -129,20 +219,34 @@ class Transport:
         if self.wait_mode == "block":
             self.comm.Bcast([buf, MPI.BYTE], root=SERVER)
         else:
-            self._wait(self.comm.Ibcast([buf, MPI.BYTE], root=SERVER))
+            self._wait(self.comm.Ibcast([buf, MPI.BYTE], root=SERVER),
+                       "the server's broadcast" if not self.is_server else
+                       "the broadcast to the client ranks")
 
     def gather_meta(self, record: np.ndarray) -> np.ndarray | None:
-        """Gather one equal-length float64 record per rank; rank 0 gets (size, len)."""
+        """Gather one equal-length float64 record per rank; rank 0 gets (size, len).
+
+        Polled (``mpi_wait = "sleep"``): point to point, into the receives that
+        ``begin_round`` posted (posted here if it was not called), so that rank 0 knows
+        which ranks have reported; ``"block"``: one ``MPI_Gather``."""
         assert record.dtype == np.float64
-        out = np.empty((self.size, record.size), dtype=np.float64) if self.is_server else None
-
-        def run() -> None:
-            if self.wait_mode == "block":
-                self.comm.Gather(record, out, root=SERVER)
-            else:
-                self._wait(self.comm.Igather(record, out, root=SERVER))
-
-        self._timed(run)
+        if self.wait_mode == "block" or self.size == 1:
+            out = (np.empty((self.size, record.size), dtype=np.float64) if self.is_server
+                   else None)
+            self._timed(lambda: self.comm.Gather(record, out, root=SERVER))
+        elif self.is_server:
+            if self._meta is None or self._meta[0].shape[1] != record.size:
+                self._post_meta(record.size)
+            out, reqs = self._meta
+            out[SERVER] = record
+            pending = list(reqs.values())
+            self._timed(lambda: self._poll(lambda: MPI.Request.Testall(pending),
+                                           "the client ranks' round records"))
+            self._meta = None
+        else:
+            out = None
+            self._timed(lambda: self._wait(self.comm.Isend(record, dest=SERVER, tag=TAG_META),
+                                           "the server to take this rank's round record"))
         self.counters.meta += record.nbytes * (self.size - 1)
         return out
 
@@ -174,7 +278,8 @@ class Transport:
             if self.wait_mode == "block":
                 self.comm.Gatherv([send, MPI.BYTE], spec, root=SERVER)
             else:
-                self._wait(self.comm.Igatherv([send, MPI.BYTE], spec, root=SERVER))
+                self._wait(self.comm.Igatherv([send, MPI.BYTE], spec, root=SERVER),
+                           "the payload gather")
 
         self._timed(run)
         if self.is_server:
@@ -232,7 +337,7 @@ class Transport:
         collectives): used before the blocking end-of-run collectives, so that ranks that
         finished their last round do not spin while rank 0 decodes and evaluates it."""
         if self.size > 1:
-            self._timed(lambda: self._wait(self.comm.Ibarrier()))
+            self._timed(lambda: self._wait(self.comm.Ibarrier(), "the final barrier"))
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()

@@ -60,6 +60,11 @@ class RunConfig:
     #: rank 0 also owns a client group (it trains between the broadcast and the gather), so
     #: that P processes keep P cores busy; with one process rank 0 always trains
     server_trains: bool = False
+    #: seconds a rank may wait for the others in one round before the job is aborted with
+    #: a message naming the ranks that did not report (a frozen or hung rank); 0 = auto:
+    #: 10 x the slowest round so far, at least 600 s; -1 = never. Client ranks wait twice
+    #: as long (rank 0 reports). Not with mpi_wait = "block" (blocking calls cannot time out)
+    round_timeout: float = 0.0
 
     def validate(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "run.name", "must be a file name")
@@ -67,6 +72,8 @@ class RunConfig:
         _require(self.seed >= 0, "run.seed", f"must be >= 0 (got {self.seed})")
         _require(self.threads >= 0, "run.threads", f"must be >= 0 (got {self.threads})")
         _positive(self, "run", "mpi_poll_max_ms")
+        _require(self.round_timeout >= 0 or self.round_timeout == -1, "run.round_timeout",
+                 f"must be seconds > 0, 0 (auto) or -1 (never) (got {self.round_timeout})")
         _require(self.compute_slots >= -1, "run.compute_slots",
                  f"must be -1 (no gate), 0 (auto) or a slot count (got {self.compute_slots})")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -200,29 +201,122 @@ class Run:
         return int(self.rounds["round"].shape[0])
 
 
+class RunFileError(OSError):
+    """A run file that cannot be read: truncated, corrupt, not HDF5 or not a run file."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        super().__init__(f"{path}: not a readable run file ({reason})")
+
+
+#: a file whose writer is running or died in SWMR mode: only a SWMR read opens it
+_WRITER_FLAGS = ("already open for write", "unable to lock file")
+#: HDF5 retries a SWMR read whose metadata checksum fails (a live writer may be mid-flush)
+#: with a sleep that doubles from 1 ns, and by default 100 times: for ever on a truncated
+#: or corrupt file (the sleep is inside HDF5, so not even Ctrl-C ends it). 28 attempts
+#: wait ~0.27 s in all, still far longer than a writer's flush.
+SWMR_READ_ATTEMPTS = 28
+
+
+def _libhdf5():
+    """The libhdf5 that h5py loaded (ctypes), or None where it cannot be found."""
+    import ctypes
+    import glob
+
+    h5 = _h5py()
+    candidates = []
+    try:  # Linux: the exact library mapped into this process
+        with open("/proc/self/maps") as fh:
+            candidates = sorted({line.split()[-1] for line in fh
+                                 if re.search(r"/libhdf5[-.]", line.split()[-1])})
+    except OSError:
+        pass
+    here = os.path.dirname(h5.__file__)
+    candidates += glob.glob(os.path.join(here, ".dylibs", "libhdf5.*dylib"))
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path)  # already loaded: the same handle, the same library
+            fn = lib.H5Pset_metadata_read_attempts
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_int64, ctypes.c_uint], ctypes.c_int
+        return lib
+    return None
+
+
+def _swmr_open(path: str) -> h5py.File:
+    """Open ``path`` in SWMR read mode with HDF5's metadata retries bounded."""
+    h5 = _h5py()
+    fapl = h5.h5p.create(h5.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5.h5f.LIBVER_LATEST, h5.h5f.LIBVER_LATEST)
+    lib = _libhdf5()
+    if lib is None or lib.H5Pset_metadata_read_attempts(fapl.id, SWMR_READ_ATTEMPTS) < 0:
+        _probe_in_child(path)  # no bound in this process: let a child find out first
+    fid = h5.h5f.open(os.fsencode(path), h5.h5f.ACC_RDONLY | h5.h5f.ACC_SWMR_READ, fapl=fapl)
+    return h5.File(fid)
+
+
+def _probe_in_child(path: str, timeout: float = 60.0) -> None:
+    """Where the retries cannot be bounded here, read ``path`` in a child process first:
+    a damaged file then fails in ``timeout`` seconds instead of hanging this one."""
+    import sys
+
+    code = ("import sys; from fedmpi.metrics import _read; import h5py; "
+            "_read(h5py.File(sys.argv[1], 'r', libver='latest', swmr=True))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code, path], capture_output=True,
+                             text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RunFileError(path, f"a SWMR read did not finish in {timeout:.0f} s") from None
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines()
+        raise RunFileError(path, lines[-1] if lines else f"exit {out.returncode}")
+
+
 def _open(path: str) -> h5py.File:
     h5 = _h5py()
     try:
         return h5.File(path, "r")
-    except OSError:
-        # written in SWMR mode and still open, or its writer crashed: SWMR read works
-        return h5.File(path, "r", libver="latest", swmr=True)
+    except OSError as exc:
+        # written in SWMR mode and still open, or its writer crashed: SWMR read works;
+        # anything else (truncated, corrupt, not HDF5) is an error now, not a retry
+        if not any(flag in str(exc) for flag in _WRITER_FLAGS):
+            raise RunFileError(path, str(exc)) from None
+    try:
+        return _swmr_open(path)
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        if isinstance(exc, RunFileError):
+            raise
+        raise RunFileError(path, str(exc)) from None
+
+
+def _read(f: h5py.File) -> tuple[dict, dict, dict, np.ndarray]:
+    def read(group: str) -> dict[str, np.ndarray]:
+        out = {}
+        for name, ds in f[group].items():
+            if f.swmr_mode:
+                ds.refresh()
+            out[name] = ds[()]
+        return out
+
+    rounds, clients = read("rounds"), read("clients")
+    n = min(len(v) for v in rounds.values())  # a live writer may be mid-row
+    rounds = {k: v[:n] for k, v in rounds.items()}
+    clients = {k: v[:n] for k, v in clients.items()}
+    attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    return attrs, rounds, clients, f["partition"][()]
 
 
 def open_run(path: str) -> Run:
-    """Read a run file, finished, running or crashed."""
+    """Read a run file, finished, running or crashed; a file that cannot be read (missing,
+    truncated, corrupt, not a run file) raises :class:`RunFileError` naming it, within
+    about a second (a SWMR read's retries are bounded: :data:`SWMR_READ_ATTEMPTS`)."""
+    if not os.path.isfile(path):
+        raise RunFileError(path, "no such file" if not os.path.exists(path) else
+                           "not a regular file")
     with _open(path) as f:
-        def read(group: str) -> dict[str, np.ndarray]:
-            out = {}
-            for name, ds in f[group].items():
-                if f.swmr_mode:
-                    ds.refresh()
-                out[name] = ds[()]
-            return out
-
-        rounds, clients = read("rounds"), read("clients")
-        n = min(len(v) for v in rounds.values())  # a live writer may be mid-row
-        rounds = {k: v[:n] for k, v in rounds.items()}
-        clients = {k: v[:n] for k, v in clients.items()}
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-        return Run(path, attrs, rounds, clients, f["partition"][()])
+        try:
+            attrs, rounds, clients, partition = _read(f)
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise RunFileError(path, f"{type(exc).__name__}: {exc}") from None
+    return Run(path, attrs, rounds, clients, partition)

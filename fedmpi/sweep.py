@@ -397,13 +397,17 @@ def load(path: str) -> Sweep:
 
 @dataclass(frozen=True)
 class State:
-    status: str  #: "complete", "partial" (a file that is not complete) or "pending"
+    #: "complete", "partial" (a file that is not complete), "pending" (no file) or
+    #: "damaged" (a file that cannot be read: truncated, corrupt; ``error`` says why)
+    status: str
     rows: int  #: rounds written so far
     rounds: int  #: rounds configured
+    error: str = ""
 
 
 def state(point: Point) -> State:
-    """What is on disk for a point; an unreadable file counts as partial with 0 rows."""
+    """What is on disk for a point (an unreadable file is "damaged", found in about a
+    second: :func:`fedmpi.metrics.open_run`)."""
     from fedmpi.metrics import open_run
 
     rounds = point.config.run.rounds
@@ -411,8 +415,8 @@ def state(point: Point) -> State:
         return State("pending", 0, rounds)
     try:
         run = open_run(point.path)
-    except (OSError, KeyError):
-        return State("partial", 0, rounds)
+    except (OSError, KeyError) as exc:
+        return State("damaged", 0, rounds, str(exc))
     return State("complete" if run.complete else "partial", len(run), rounds)
 
 
@@ -441,15 +445,19 @@ def list_runs(sweep: Sweep, out=None) -> None:
     out = out or sys.stdout
     states = [state(p) for p in sweep.points]
     counts = {s: sum(st.status == s for st in states) for s in ("complete", "partial",
-                                                                 "pending")}
+                                                                 "pending", "damaged")}
     print(f"sweep {sweep.name} ({sweep.source}): {len(sweep.points)} runs -> {sweep.out_dir}"
           f"  [{counts['complete']} complete, {counts['partial']} partial, "
-          f"{counts['pending']} pending]", file=out)
+          f"{counts['pending']} pending"
+          + (f", {counts['damaged']} damaged" if counts["damaged"] else "") + "]", file=out)
     width = max((len(p.name) for p in sweep.points), default=0)
     for p, st in zip(sweep.points, states, strict=True):
         mark = {"complete": "done", "partial": f"{st.rows}/{st.rounds}",
-                "pending": "-"}[st.status]
+                "pending": "-", "damaged": "damaged"}[st.status]
         print(f"{p.index:4d}  {p.name:<{width}}  {mark:>9}  {p.path}", file=out)
+    for st in states:
+        if st.status == "damaged":
+            print(f"damaged: {st.error}", file=out)
 
 
 def run_local(sweep: Sweep, n: int, dry_run: bool = False, out=None) -> int:
@@ -469,6 +477,11 @@ def run_local(sweep: Sweep, n: int, dry_run: bool = False, out=None) -> int:
     for p, st in todo:
         if st.status == "complete":
             print(f"skip {p.name}: complete", file=out, flush=True)
+            continue
+        if st.status == "damaged":  # resuming would refuse it too; never overwrite it
+            failed.append(p.name)
+            print(f"skip {p.name}: {st.error}; move it away to run this point again",
+                  file=out, flush=True)
             continue
         cmd = launch.command(n, "fedmpi.train", [*train_args(p), "--quiet"])
         if dry_run:

@@ -23,7 +23,6 @@ import argparse
 import os
 import resource
 import sys
-import tempfile
 import time
 import traceback
 
@@ -32,11 +31,12 @@ import torch
 
 from fedmpi import checkpoint, compress, config, data, downlink, layout, metrics, sam, sharpness
 from fedmpi.client import DIVERGED, ClientGroup, Shard
-from fedmpi.comm import SERVER, Transport, finalize_and_exit
+from fedmpi.comm import SERVER, RoundLimit, Transport, WaitTimeout, finalize_and_exit
 from fedmpi.compress import ModelSpec
 from fedmpi.fitpool import open_pool, pooled
 from fedmpi.gate import job_key, open_gate
 from fedmpi.models import FlatModel, build_module
+from fedmpi.outputs import claim, probe_dir, release_all
 from fedmpi.server import Server, sample_participants
 
 TAG_INIT = 401
@@ -45,7 +45,10 @@ HEADER = 5  # round, control bits, downlink bytes, participants, estimator bytes
 SLOT = 8  # per owned client: id, participated, payload bytes, loss, efficiency, n, steps,
 #          divergence code (fedmpi.client.DIVERGED)
 USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.ResumeError, FileExistsError,
-               PermissionError)
+               PermissionError, metrics.RunFileError)
+
+#: failures that end the job with one message and no traceback (exit 1, every rank ends)
+FATAL = (WaitTimeout, checkpoint.CheckpointError)
 
 
 class StopRun(Exception):
@@ -89,17 +92,18 @@ def fmt_bytes(n: float) -> str:
 
 
 def output_path(cfg: config.Config, overwrite: bool, resume: bool = False) -> str:
-    out = os.path.abspath(cfg.run.out_dir)
-    try:  # a real write probe: permission bits say nothing to root or on read-only mounts
-        os.makedirs(out, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".fedmpi-probe-"):
-            pass
-    except OSError as exc:
-        raise PermissionError(f"run.out_dir: {out} is not writable ({exc.strerror})") from None
+    """Rank 0, before any slow work: probe the output folders, claim the run file for this
+    job (fedmpi.outputs: a second job with this run.name is refused), check it."""
+    probe_dir(cfg.run.out_dir, "run.out_dir")
     path = os.path.join(cfg.run.out_dir, f"{cfg.run.name}.h5")
+    claim(path)  # first: two jobs started together cannot both pass the check
     if os.path.exists(path) and not (overwrite or resume):
         raise FileExistsError(f"run.name: {path} exists; pass --overwrite to replace it or "
                               "choose another run.name")
+    ckpt = checkpoint.path_for(cfg)
+    probe_dir(os.path.dirname(os.path.abspath(ckpt)), "checkpoint.path")
+    if overwrite and not resume and checkpoint.discard(ckpt):
+        print(f"fedmpi: --overwrite: removed the old run's checkpoint {ckpt}", flush=True)
     return path
 
 
@@ -222,9 +226,11 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     signals = checkpoint.SignalFlag()
     cpu0 = time.process_time()
     code = 0
+    limit = RoundLimit(cfg.run.round_timeout, t.is_server)
     for rnd in range(first, cfg.run.rounds):
         t0 = time.perf_counter()
         t.reset_counters()
+        t.begin_round(rnd, limit.next_round())
         if t.is_server:  # nothing here changes server state: a checkpoint may follow
             due = cfg.checkpoint.every and rnd > first and rnd % cfg.checkpoint.every == 0
             control = ((checkpoint.CONTROL_STOP if stopped else 0)
@@ -249,6 +255,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
                 print(f"fedmpi: signal {signals.raised}: checkpointed before round {rnd}; "
                       "rerun with --resume", file=sys.stderr, flush=True)
             break
+        t.expect_records(2 + max_slots * SLOT)
         participants = [int(i) for i in np.flatnonzero(header[HEADER:])]
         if t.is_server:
             down_client_bytes = (down_link.client_bytes(participants, rnd, down.size)
@@ -428,8 +435,7 @@ def resume_state(cfg: config.Config, path: str, device) -> dict | str | None:
         return None
     state = checkpoint.load(ckpt, device)
     checkpoint.check_same_run(state["config"], cfg, ckpt)
-    if not os.path.exists(path):
-        raise checkpoint.ResumeError(f"{ckpt} exists but its run file {path} does not")
+    checkpoint.check_resumable(state, cfg.run.rounds, ckpt, path)
     return state
 
 
@@ -496,6 +502,11 @@ def main(argv: list[str] | None = None) -> None:
         if t.is_server and str(exc):
             print(f"fedmpi: error: {exc}", file=sys.stderr, flush=True)
         code = 2
+    except FATAL as exc:  # a frozen rank, a full disk: one message, no traceback
+        sys.stderr.write(f"fedmpi: error: {exc}\n")
+        if t.size > 1:
+            t.abort(1)
+        code = 1
     except BaseException:
         sys.stderr.write(f"fedmpi: rank {t.rank} of {t.size} failed:\n"
                          + traceback.format_exc())
@@ -503,6 +514,7 @@ def main(argv: list[str] | None = None) -> None:
         if t.size > 1:
             t.abort(1)
         code = 1
+    release_all()  # the run file's lock (rank 0)
     finalize_and_exit(code)
 
 

@@ -174,9 +174,17 @@ def render(sw: sweep.Sweep, points: Sequence[sweep.Point], opts: Options,
 
 
 def select(sw: sweep.Sweep, include_complete: bool = False) -> list[sweep.Point]:
-    """The points to submit: all, or those whose run file is not complete."""
-    return [p for p in sw.points
-            if include_complete or sweep.state(p).status != "complete"]
+    """The points to submit: all, or those whose run file is not complete. A damaged run
+    file (truncated, corrupt) is left out with a message: its task would refuse it."""
+    points = []
+    for p in sw.points:
+        st = sweep.state(p)
+        if st.status == "damaged":
+            print(f"submit: skip {p.name}: {st.error}; move it away to run this point again",
+                  file=sys.stderr)
+        elif include_complete or st.status != "complete":
+            points.append(p)
+    return points
 
 
 def submit(sw: sweep.Sweep, points: Sequence[sweep.Point], opts: Options,

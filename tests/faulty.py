@@ -5,7 +5,14 @@
   kill       -- RANK SIGKILLs itself at the start of its work in ROUND;
   killwrite  -- rank 0 SIGKILLs itself in the middle of writing the row of ROUND
                 (datasets resized, values half written, nothing flushed);
-  nan        -- client RANK (a client id here) returns a NaN update in ROUND.
+  nan        -- client RANK (a client id here; -1 = every client) returns a NaN update
+                in ROUND;
+  slowload   -- rank RANK sleeps ROUND seconds before loading the data (a slow start);
+  stop       -- RANK SIGSTOPs itself at the start of its work in ROUND (a frozen rank);
+  huge       -- client RANK (a client id) returns an update of 1e30s in ROUND: finite, but
+                the global model's test loss overflows.
+With ``FEDMPI_TEST_MARK = PATH``, the faulty rank writes the time (``time.time()``) to
+PATH just before a kill or stop, so a test can time what follows from the fault on.
 Launch: ``mpiexec -n N python -m mpi4py tests/faulty.py [fedmpi.train args]``.
 """
 
@@ -14,24 +21,28 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import torch
 from mpi4py import MPI
 
-from fedmpi import client, metrics, train
+from fedmpi import client, data, metrics, train
 
 kind, who, when = os.environ["FEDMPI_TEST_FAULT"].split(":")
 who, when = int(who), int(when)
 rank = MPI.COMM_WORLD.Get_rank()
 
-if kind in ("raise", "kill") and rank == who:
+if kind in ("raise", "kill", "stop") and rank == who:
     original = client.ClientGroup.run_round
 
     def run_round(self, round_, participants):
         if round_ == when:
             if kind == "raise":
                 raise RuntimeError(f"injected failure on rank {rank} in round {round_}")
-            os.kill(os.getpid(), signal.SIGKILL)
+            if os.environ.get("FEDMPI_TEST_MARK"):
+                with open(os.environ["FEDMPI_TEST_MARK"], "w") as fh:
+                    fh.write(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGSTOP if kind == "stop" else signal.SIGKILL)
         return original(self, round_, participants)
 
     client.ClientGroup.run_round = run_round
@@ -49,16 +60,28 @@ if kind == "killwrite" and rank == 0:
     metrics.RunWriter._append = metrics.RunWriter.append
     metrics.RunWriter.append = append
 
-if kind == "nan":
+if kind in ("nan", "huge"):
     original_train = client.ClientGroup.local_train
 
     def local_train(self, cid, round_):
         update, loss, steps = original_train(self, cid, round_)
-        if cid == who and round_ == when:
+        if who in (cid, -1) and round_ == when:
             update = update.clone()
-            update[0] = torch.nan
+            if kind == "nan":
+                update[0] = torch.nan
+            else:
+                update[:] = 1e30
         return update, loss, steps
 
     client.ClientGroup.local_train = local_train
+
+if kind == "slowload" and rank == who:
+    original_load = data.load
+
+    def load(cfg):
+        time.sleep(when)
+        return original_load(cfg)
+
+    data.load = load
 
 train.main(sys.argv[1:])
