@@ -483,11 +483,16 @@ def seeds_note(table: Table, row: str) -> str:
 # ---------------------------------------------------------------------------- command lines
 
 
+def plain(text: str) -> str:
+    """reStructuredText markup out of a docstring, for --help: ``x`` and :role:`x` -> x."""
+    return re.sub(r"(?::\w+:)?`{1,2}([^`]+)`{1,2}", r"\1", text)
+
+
 def cli(script: str, doc: str, separates: str = "figures",
         out: bool = True) -> argparse.ArgumentParser:
     """The arguments every analysis script shares: run files or folders, -o, --rows."""
     p = argparse.ArgumentParser(prog=f"python analysis/{script}.py",
-                                description=doc.split("\n\n")[0],
+                                description=plain(doc.split("\n\n")[0]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run files (.h5) or folders of them")
     if out:

@@ -63,6 +63,9 @@ class RunConfig:
     #: rank 0 also owns a client group (it trains between the broadcast and the gather), so
     #: that P processes keep P cores busy; with one process rank 0 always trains
     server_trains: bool = False
+    #: rank 0 also writes TensorBoard event files to <out_dir>/<name>.tb (needs the
+    #: tensorboard package: pip install -e ".[tensorboard]")
+    tensorboard: bool = False
 
     def validate(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "run.name", "must be a file name")
@@ -281,11 +284,16 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 0  #: checkpoint every N rounds (0 = only on SIGTERM / SIGUSR1)
+    every: int = 0  #: checkpoint every N rounds (0 = by wall time and on signals only)
+    #: checkpoint once this many seconds have passed since the last one (0 = off); a
+    #: crash loses at most this much work. Ctrl-C, SIGTERM and SIGUSR1 always checkpoint
+    every_seconds: float = 600.0
     path: str = ""  #: checkpoint file; "" = <run.out_dir>/<run.name>.ckpt
 
     def validate(self) -> None:
         _require(self.every >= 0, "checkpoint.every", f"must be >= 0 (got {self.every})")
+        _require(self.every_seconds >= 0 and math.isfinite(self.every_seconds),
+                 "checkpoint.every_seconds", f"must be >= 0 (got {self.every_seconds})")
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,9 @@ ROUND_METRICS: dict[str, str] = {
     "round": "i8", "wall_time": "f8", "test_acc": "f8", "test_loss": "f8", "train_loss": "f8",
     "participants": "i8", "diverged_clients": "i8",
     "uplink_bytes": "i8", "uplink_payload_bytes": "i8",
-    "downlink_bytes": "i8", "downlink_payload_bytes": "i8", "meta_bytes": "i8",
+    "downlink_payload_bytes": "i8",
+    # the simulator's transport, not the federated job: they change with the rank count
+    "transport_downlink_bytes": "i8", "transport_meta_bytes": "i8",
     "compression_ratio_up": "f8", "compression_ratio_down": "f8", "efficiency_mean": "f8",
     "time_round": "f8", "time_train": "f8", "time_encode": "f8", "time_comm": "f8",
     "time_decode": "f8", "time_eval": "f8",
@@ -197,6 +199,10 @@ class Run:
         return int(self.rounds["round"].shape[0])
 
 
+#: run files written before the transport counters were renamed: old name -> new name
+LEGACY_NAMES = {"downlink_bytes": "transport_downlink_bytes", "meta_bytes": "transport_meta_bytes"}
+
+
 def _open(path: str) -> h5py.File:
     h5 = _h5py()
     try:
@@ -218,6 +224,9 @@ def open_run(path: str) -> Run:
             return out
 
         rounds, clients = read("rounds"), read("clients")
+        for old, new in LEGACY_NAMES.items():
+            if old in rounds and new not in rounds:
+                rounds[new] = rounds.pop(old)
         n = min(len(v) for v in rounds.values())  # a live writer may be mid-row
         rounds = {k: v[:n] for k, v in rounds.items()}
         clients = {k: v[:n] for k, v in clients.items()}

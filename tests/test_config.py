@@ -131,7 +131,7 @@ def test_choice_errors_list_the_valid_values(tmp_path, text, valid):
     (("client.lr=0.05",), "quickstart"),  # the default value: the same run
     (("client.lr=0.1", "client.lr=0.05"), "quickstart"),  # the last --set wins
     (("run.threads=1", "run.rounds=5", "eval.every=2", "checkpoint.every=3",
-      "run.out_dir=x"), "quickstart"),  # how, not what
+      "run.out_dir=x", "run.tensorboard=true"), "quickstart"),  # how, not what
     (("server.lr=2.0", "client.lr=0.1"), "quickstart_server.lr-2.0_client.lr-0.1"),
     (("compressor.name=topk", "compressor.ratio=0.01", "run.seed=3"),
      "quickstart_compressor-topk_ratio-0.01_seed-3"),
