@@ -1,11 +1,14 @@
 """Learning curves: test accuracy and train loss against the round and against the
-cumulative uplink traffic (log axis), one line per method (mean over seeds, band ±1 std),
-one figure per setting, as PNG and PDF.
+cumulative uplink traffic (log axis), and test accuracy against the cumulative uplink,
+downlink (what the participants downloaded) and total traffic, which separates the
+double-way methods (STC up/down, E-3SFC); one line per method (mean over seeds, band ±1
+std, accuracy bands clipped to [0, 100] %), one colour per method in every figure, one
+figure of each kind per setting, as PNG and PDF.
 
     python analysis/curves.py runs/3sfc_table2 -o figures/curves
 
-Writes ``<out>/curves_<setting>.png`` and ``.pdf``; rounds without an evaluation
-(``eval.every > 1``) are skipped in the accuracy panels.
+Writes ``<out>/curves_<setting>.png|pdf`` and ``<out>/traffic_<setting>.png|pdf``; rounds
+without an evaluation (``eval.every > 1``) are skipped in the accuracy panels.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ PANELS = (  # (row, column): (round metric, scale, y label, x axis)
     ((1, 0), "train_loss", 1.0, "Train loss (clients' mean)", "round"),
     ((1, 1), "train_loss", 1.0, "Train loss (clients' mean)", "bytes"),
 )
+#: where a band is clipped: accuracy in [0, 100] %, a loss >= 0
+LIMITS = {"test_acc": (0.0, 100.0), "train_loss": (0.0, float("inf"))}
+TRAFFIC_LABELS = {"uplink": "Cumulative uplink",
+                  "downlink": "Cumulative downlink\n(what participants download)",
+                  "total": "Cumulative uplink + downlink"}
 
 
 def plot_setting(table: A.Table, row: str, out_dir: str) -> list[str]:
@@ -38,10 +46,12 @@ def plot_setting(table: A.Table, row: str, out_dir: str) -> list[str]:
             if not runs:
                 continue
             s = A.series(runs, key, scale)
-            A.plot_band(ax, s.rounds if xaxis == "round" else s.x_bytes / 1e6, s, m, col[m])
+            A.plot_band(ax, s.rounds if xaxis == "round" else s.x_bytes, s, m, col[m],
+                        LIMITS.get(key))
         if xaxis == "bytes":
             ax.set_xscale("log")
-            ax.set_xlabel("Cumulative uplink (MB, log scale)")
+            A.bytes_axis(ax)
+            ax.set_xlabel("Cumulative uplink (log scale)")
         else:
             ax.set_xlabel("Communication round")
             A.integer_ticks(ax)
@@ -51,6 +61,28 @@ def plot_setting(table: A.Table, row: str, out_dir: str) -> list[str]:
     A.figure_legend(fig, axes)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return A.save(fig, os.path.join(out_dir, f"curves_{A.slug(row)}"))
+
+
+def plot_traffic(table: A.Table, row: str, out_dir: str) -> list[str]:
+    """Test accuracy against the cumulative uplink, downlink and total bytes."""
+    plt = A.pyplot()
+    col = A.colors(table.methods)
+    fig, axes = plt.subplots(1, 3, figsize=(9.0, 3.2), sharey=True)
+    for ax, (axis, label) in zip(axes, TRAFFIC_LABELS.items(), strict=True):
+        for m in table.methods:
+            runs = table.runs(row, m)
+            if runs:
+                s = A.series(runs, "test_acc", 100.0)
+                A.plot_band(ax, s.traffic[axis], s, m, col[m], LIMITS["test_acc"])
+        ax.set_xscale("log")
+        A.bytes_axis(ax)
+        ax.set_xlabel(f"{label} (log scale)")
+    axes[0].set_ylabel("Test accuracy (%)")
+    fig.suptitle(f"{row}: accuracy against the bytes moved ({A.seeds_note(table, row)})",
+                 fontsize=10)
+    A.figure_legend(fig, axes)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return A.save(fig, os.path.join(out_dir, f"traffic_{A.slug(row)}"))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -66,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     table = A.group(runs, args.rows)
     for row in table.rows:
-        for path in plot_setting(table, row, args.out):
+        for path in plot_setting(table, row, args.out) + plot_traffic(table, row, args.out):
             print(path)
     return 0
 

@@ -35,7 +35,7 @@ def plot_setting(table: A.Table, row: str, out_dir: str) -> list[str]:
         runs = table.runs(row, m)
         if runs:
             s = A.series(runs, "efficiency_mean")
-            A.plot_band(ax, s.rounds, s, m, col[m])
+            A.plot_band(ax, s.rounds, s, m, col[m], (-1.0, 1.0))
     ax.set_xlabel("Communication round")
     A.integer_ticks(ax)
     ax.set_ylabel("Compression efficiency (cosine)")

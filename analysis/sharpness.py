@@ -1,8 +1,9 @@
 """Sharpness per method and compressor: the Hessian's top eigenvalue (λmax) and its trace
 at the last measurement of each run (``eval.sharpness_every``), as grouped bars (x:
-compressor, bars: perturbation estimator; mean over seeds, error bar ±1 std), one figure
-per setting, plus a table; and, where a run measured sharpness more than once, the same
-two quantities against the round.
+uplink compressor, "none (dense)" for uncompressed runs; bars: perturbation estimator;
+mean over seeds, error bar ±1 std), one figure per setting, plus a table; and, where a
+run measured sharpness more than once, the same two quantities against the round (colour
+= estimator as in the bars, line style = compressor).
 
     python analysis/sharpness.py runs/fedsynsam -o figures/sharpness
 
@@ -25,6 +26,15 @@ from fedmpi import analysis as A
 QUANTITIES = (("lmax", "sharpness_lmax", r"Top Hessian eigenvalue $\lambda_{\max}$"),
               ("trace", "sharpness_trace", r"Hessian trace $\mathrm{tr}(H)$"))
 NO_SAM = "no SAM"
+DENSE = "none (dense)"  #: the compressor axis's name for uncompressed updates
+LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))
+
+
+def compressor_label(r: A.RunInfo) -> str:
+    """A run's compressor on the compressor axis: FedAvg's "compressor" is none."""
+    if r.flat.get("compressor.name", "identity") == "identity":
+        return r.compressor.replace("FedAvg", DENSE, 1)
+    return r.compressor
 
 
 def measured(r: A.RunInfo) -> int:
@@ -37,7 +47,7 @@ def cells(table: A.Table, row: str):
     for m in table.methods:
         for r in table.runs(row, m):
             if measured(r):
-                out.setdefault((r.compressor, r.estimator or NO_SAM), []).append(r)
+                out.setdefault((compressor_label(r), r.estimator or NO_SAM), []).append(r)
     comps = list(dict.fromkeys(c for c, _ in out))
     ests = list(dict.fromkeys(e for _, e in sorted(out, key=lambda k: k[1] != NO_SAM)))
     return comps, ests, out
@@ -55,13 +65,14 @@ def plot_bars(table: A.Table, row: str, out_dir: str) -> list[str]:
             stats = [A.cell_stat(groups.get((c, e), []), metric) for c in comps]
             mean = np.array([s.mean for s in stats])
             std = np.array([s.std if s.n > 1 else 0.0 for s in stats])
-            ax.bar(x + (i - (len(ests) - 1) / 2) * width, np.nan_to_num(mean), width,
-                   yerr=std, capsize=2, color=col[e], label=e,
-                   error_kw={"linewidth": 0.8})
+            # a compressor without runs of this estimator gets no bar (not a bar at 0)
+            ax.bar(x + (i - (len(ests) - 1) / 2) * width, mean, width,
+                   yerr=np.where(np.isfinite(mean), std, 0.0), capsize=2, color=col[e],
+                   label=e, error_kw={"linewidth": 0.8})
         ax.set_xticks(x, comps, rotation=20 if len(comps) > 3 else 0, ha="right"
                       if len(comps) > 3 else "center")
         ax.set_ylabel(label)
-        ax.set_xlabel("Compressor")
+        ax.set_xlabel("Uplink compressor")
         ax.grid(axis="x", visible=False)
     fig.suptitle(f"{row}: sharpness at the last measurement ({A.seeds_note(table, row)})"
                  .replace("band", "error bar"), fontsize=10)
@@ -71,17 +82,23 @@ def plot_bars(table: A.Table, row: str, out_dir: str) -> list[str]:
 
 
 def plot_rounds(table: A.Table, row: str, out_dir: str) -> list[str]:
+    """Colour = estimator (as in the bars), line style = compressor."""
     plt = A.pyplot()
-    col = A.colors(table.methods)
+    comps, ests, groups = cells(table, row)
+    col = A.colors(ests)
+    style = {c: LINESTYLES[i % len(LINESTYLES)] for i, c in enumerate(comps)}
     fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.2))
     for ax, (_metric, key, label) in zip(axes, QUANTITIES, strict=True):
-        for m in table.methods:
-            runs = [r for r in table.runs(row, m) if measured(r)]
-            if runs:
+        for e in ests:
+            for c in comps:
+                runs = groups.get((c, e))
+                if not runs:
+                    continue
                 s = A.series(runs, key)
-                A.plot_band(ax, s.rounds, s, m, col[m])
+                A.plot_band(ax, s.rounds, s, f"{e}, {c}", col[e], linestyle=style[c],
+                            alpha=0.2 / max(1, len(groups)) ** 0.5)
                 ok = np.isfinite(s.mean)
-                ax.plot(s.rounds[ok], s.mean[ok], "o", color=col[m], markersize=3)
+                ax.plot(s.rounds[ok], s.mean[ok], "o", color=col[e], markersize=3)
         ax.set_xlabel("Communication round")
         A.integer_ticks(ax)
         ax.set_ylabel(label)
@@ -106,9 +123,8 @@ def summary_table(table: A.Table) -> str:
                 for metric, _key, _label in QUANTITIES:
                     s = A.cell_stat(runs, metric)
                     parts.append("–" if not math.isfinite(s.mean) else
-                                 A.METRICS[metric].fmt.format(s.mean)
-                                 + (f" ± {A.METRICS[metric].fmt.format(s.std)}"
-                                    if s.n > 1 else ""))
+                                 A.METRICS[metric].format(s.mean,
+                                                          s.std if s.n > 1 else None))
                 lines.append(f"| {row} | {e} | {c} | {parts[0]} | {parts[1]} | {len(runs)} |")
     return "\n".join(lines) + "\n"
 

@@ -15,16 +15,9 @@ import _path  # noqa: F401
 import numpy as np
 
 from fedmpi import analysis as A
+from fedmpi.progress import fmt_bytes
 
 PHASES = ("train", "encode", "comm", "decode", "eval", "sharpness")
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000.0
-    return f"{n:.2f} TB"
 
 
 def seconds(t: float) -> str:
@@ -40,7 +33,8 @@ def summarize(r: A.RunInfo, show_config: bool = False) -> str:
     sam = f.get("sam.name", "none")
     lines = [
         f"run        {r.name}  ({r.path})",
-        f"status     {'complete' if run.complete else 'INCOMPLETE'}: {n} of {total} rounds",
+        f"status     {'complete' if run.complete else 'INCOMPLETE'}: {n} of {total} rounds"
+        + (f" (stopped: {run.attrs['stopped']})" if run.attrs.get("stopped") else ""),
         f"fedmpi     {run.attrs.get('fedmpi_version', '?')} (git "
         f"{str(run.attrs.get('git_commit', '?'))[:12]}), {run.attrs.get('mpi_size', '?')} "
         f"MPI rank(s), started {run.attrs.get('start_time', '?')}",
@@ -71,11 +65,13 @@ def summarize(r: A.RunInfo, show_config: bool = False) -> str:
         if np.isfinite(np.asarray(rounds[key], dtype=float)).any():
             lines.append(f"sharpness  {label} {A.last_finite(rounds[key]):.4f} (last "
                          "measurement)")
-    up, down = float(np.sum(rounds["uplink_bytes"])), float(np.sum(rounds["downlink_bytes"]))
+    # what the participants sent and downloaded: properties of the federated job (the
+    # transport's counters, which change with the rank count, are not shown)
+    up = float(np.sum(rounds["uplink_payload_bytes"]))
+    down = float(np.sum(rounds["downlink_payload_bytes"]))
     lines.append(f"bytes      uplink {fmt_bytes(up)} ({fmt_bytes(up / max(1, n))}/round, "
                  f"ratio {A.compression_ratio(run):.1f}x), downlink {fmt_bytes(down)} "
-                 f"({fmt_bytes(down / max(1, n))}/round), metadata "
-                 f"{fmt_bytes(float(np.sum(rounds['meta_bytes'])))}")
+                 f"({fmt_bytes(down / max(1, n))}/round, what the participants download)")
     wall = A.last_finite(rounds["wall_time"])
     times = {p: float(np.nansum(rounds[f"time_{p}"])) for p in PHASES
              if f"time_{p}" in rounds}

@@ -6,7 +6,8 @@ best mean of each row marked (bold in md and LaTeX, ``best = 1`` in CSV).
     python analysis/table.py runs/3sfc_budget --rows compressor.budget_bytes
 
 Metrics: final_acc, best_acc (test accuracy in %), final_loss, final_train_loss,
-efficiency, ratio, uplink_mb, lmax, trace, wall_time (see fedmpi.analysis.METRICS).
+efficiency, ratio, uplink, downlink, traffic (bytes, in adaptive units), lmax, trace,
+wall_time (see fedmpi.analysis.METRICS).
 Grouping rules: fedmpi.analysis. Incomplete runs are skipped unless --include-incomplete.
 """
 
@@ -45,8 +46,7 @@ def cell_values(table: A.Table, metric: str, ratio: bool):
 
 
 def _number(metric: str, s: A.Stat, pm: str) -> str:
-    f = A.METRICS[metric].fmt
-    return f.format(s.mean) + (f" {pm} " + f.format(s.std) if s.n > 1 else "")
+    return A.METRICS[metric].format(s.mean, s.std if s.n > 1 else None, pm)
 
 
 def render(table: A.Table, metric: str, fmt: str, ratio: bool = True) -> str:
@@ -72,8 +72,11 @@ def render(table: A.Table, metric: str, fmt: str, ratio: bool = True) -> str:
         if fmt == "md":
             t = _number(metric, s, "±") + (f" ({r.mean:.1f}×)" if r else "")
             return f"**{t}**" if best else t
-        num = _number(metric, s, r"\pm")
-        t = rf"$\mathbf{{{num}}}$" if best else f"${num}$"
+        num, unit = _number(metric, s, r"\pm"), ""
+        if A.METRICS[metric].is_bytes:  # the unit outside math mode
+            num, unit = num.rsplit(" ", 1)
+            unit = f" {unit}"
+        t = (rf"$\mathbf{{{num}}}$" if best else f"${num}$") + unit
         return t + (rf" ({r.mean:.1f}$\times$)" if r else "")
 
     if fmt == "md":

@@ -302,12 +302,49 @@ def compression_ratio(run: Run) -> float:
     return dense / up if up > 0 else float("nan")
 
 
+def byte_unit(n: float) -> tuple[float, str]:
+    """The decimal unit that shows ``n`` bytes with 1 to 3 digits before the point."""
+    scale, unit = 1.0, "B"
+    for next_unit in ("KB", "MB", "GB", "TB"):
+        if not math.isfinite(n) or abs(n) < 1000 * scale:
+            break
+        scale, unit = scale * 1000.0, next_unit
+    return scale, unit
+
+
+def fmt_bytes_stat(mean: float, std: float | None = None, pm: str = "±") -> str:
+    """``3.18 KB`` or ``3.18 ± 0.02 KB``: three significant digits in the mean's unit
+    (never ``0.003 ± 0.000 MB``), the std in the same unit and decimals."""
+    if not math.isfinite(mean):
+        return "nan"
+    scale, unit = byte_unit(mean)
+    v = mean / scale
+    decimals = 0 if unit == "B" else max(0, 2 - int(math.floor(math.log10(abs(v)))) if v
+                                          else 2)
+    text = f"{v:.{decimals}f}"
+    if std is not None:
+        text += f" {pm} {std / scale:.{decimals}f}"
+    return f"{text} {unit}"
+
+
 @dataclass(frozen=True)
 class Metric:
     label: str  #: axis or column title, with the unit
     fn: Callable[[Run], float]
     higher_is_better: bool
     fmt: str = "{:.2f}"
+    is_bytes: bool = False  #: format with :func:`fmt_bytes_stat` (adaptive unit)
+
+    def format(self, mean: float, std: float | None = None, pm: str = "±") -> str:
+        """``mean`` (and ``std``) as a table cell shows them."""
+        if self.is_bytes:
+            return fmt_bytes_stat(mean, std, pm)
+        return self.fmt.format(mean) + (f" {pm} {self.fmt.format(std)}" if std is not None
+                                        else "")
+
+
+def total_bytes(run: Run, key: str) -> float:
+    return float(np.sum(run.rounds[key]))
 
 
 METRICS: dict[str, Metric] = {
@@ -326,9 +363,14 @@ METRICS: dict[str, Metric] = {
                          if _finite(r.rounds["efficiency_mean"]).size else float("nan"),
                          True, "{:.4f}"),
     "ratio": Metric("uplink compression ratio (x)", compression_ratio, True, "{:.1f}"),
-    "uplink_mb": Metric("total uplink (MB)",
-                        lambda r: float(np.sum(r.rounds["uplink_bytes"])) / 1e6, False,
-                        "{:.3f}"),
+    "uplink": Metric("total uplink (bytes the clients sent)",
+                     lambda r: total_bytes(r, "uplink_payload_bytes"), False, is_bytes=True),
+    "downlink": Metric("total downlink (bytes the participants downloaded)",
+                       lambda r: total_bytes(r, "downlink_payload_bytes"), False,
+                       is_bytes=True),
+    "traffic": Metric("total traffic (uplink + downlink bytes)",
+                      lambda r: total_bytes(r, "uplink_payload_bytes")
+                      + total_bytes(r, "downlink_payload_bytes"), False, is_bytes=True),
     "lmax": Metric("Hessian top eigenvalue", lambda r: last_finite(
         r.rounds["sharpness_lmax"]), False, "{:.3f}"),
     "trace": Metric("Hessian trace", lambda r: last_finite(r.rounds["sharpness_trace"]),
@@ -370,6 +412,11 @@ def best_methods(table: Table, row: str, metric: str) -> set[str]:
 # ---------------------------------------------------------------------------- series
 
 
+#: the byte axes of a learning curve: name -> the per-round byte metrics summed
+TRAFFIC = {"uplink": ("uplink_bytes",), "downlink": ("downlink_payload_bytes",),
+           "total": ("uplink_bytes", "downlink_payload_bytes")}
+
+
 @dataclass
 class Series:
     """A per-round metric of one cell: mean and std over seeds, aligned on rounds."""
@@ -379,12 +426,17 @@ class Series:
     std: np.ndarray
     x_bytes: np.ndarray  #: mean cumulative uplink bytes after each round
     n: int
+    #: mean cumulative bytes after each round, per :data:`TRAFFIC` axis
+    traffic: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def series(runs: Sequence[RunInfo], key: str, scale: float = 1.0) -> Series:
     """``/rounds/<key>`` of each seed, cut to the shortest run; NaN rows stay NaN."""
     n = min(len(r.run) for r in runs)
     ys = np.stack([np.asarray(r.run.rounds[key][:n], dtype=float) * scale for r in runs])
+    traffic = {axis: np.mean([np.cumsum(sum(np.asarray(r.run.rounds[k][:n], dtype=float)
+                                            for k in keys)) for r in runs], axis=0)
+               for axis, keys in TRAFFIC.items()}
     xs = np.stack([np.cumsum(np.asarray(r.run.rounds["uplink_bytes"][:n], dtype=float))
                    for r in runs])
     with warnings.catch_warnings():  # all-NaN rounds (no evaluation) stay NaN
@@ -392,7 +444,7 @@ def series(runs: Sequence[RunInfo], key: str, scale: float = 1.0) -> Series:
         mean = np.nanmean(ys, axis=0)
         std = np.nanstd(ys, axis=0, ddof=1) if len(runs) > 1 else np.zeros(n)
     rounds = np.asarray(runs[0].run.rounds["round"][:n], dtype=float) + 1
-    return Series(rounds, mean, np.nan_to_num(std), xs.mean(axis=0), len(runs))
+    return Series(rounds, mean, np.nan_to_num(std), xs.mean(axis=0), len(runs), traffic)
 
 
 # ---------------------------------------------------------------------------- plotting
@@ -418,23 +470,70 @@ def pyplot():
     return plt
 
 
-def colors(methods: Sequence[str]) -> dict[str, Any]:
-    """A fixed colour per method, in table order (tab10, then tab20)."""
+#: the colour each method keeps in every figure (an index into :func:`palette`): the
+#: compressors' paper names, the estimators' and "no SAM" (the sharpness bars' plain
+#: runs, FedAvg's colour); other labels get a colour derived from their name
+PREFERRED = {"FedAvg": 0, "no SAM": 0, "3SFC": 1, "DGC": 2, "Top-k": 3, "STC": 4,
+             "signSGD": 5, "QSGD": 6, "Rand-k": 7, "FedSynth": 8, "FedSAM": 9,
+             "MoFedSAM": 10, "FedLESAM": 12, "FedSynSAM": 14}
+
+
+def palette() -> list[Any]:
+    """20 distinct colours: tab10, then the darker half of tab20b."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
-    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+    tab10, tab20b = matplotlib.colormaps["tab10"], matplotlib.colormaps["tab20b"]
+    return [tab10(i) for i in range(10)] + [tab20b(i) for i in range(0, 20, 2)]
 
 
-def plot_band(ax, x: np.ndarray, s: Series, label: str, color: Any) -> None:
-    """A mean line with a +-std band over seeds, skipping rounds without a value."""
+def colors(methods: Sequence[str]) -> dict[str, Any]:
+    """A colour per method label that depends on the label itself, not on which other
+    methods a figure shows, so one method has one colour in every figure: the
+    :data:`PREFERRED` colour of the label (or of its name before " (", "FedAvg (ef=...)"),
+    else one chosen by a hash of the label; the next free one where two labels collide."""
+    import zlib
+
+    colours = palette()
+    out: dict[str, Any] = {}
+    used: set[int] = set()
+    for m in methods:
+        base = m.split(" (")[0]
+        want = PREFERRED.get(m, PREFERRED.get(base, zlib.crc32(m.encode()) % len(colours)))
+        i = want
+        while i in used and len(used) < len(colours):
+            i = (i + 1) % len(colours)
+        used.add(i)
+        out[m] = colours[i]
+    return out
+
+
+def plot_band(ax, x: np.ndarray, s: Series, label: str, color: Any,
+              limits: tuple[float, float] | None = None, alpha: float = 0.2,
+              **line) -> None:
+    """A mean line with a +-std band over seeds, skipping rounds without a value; the band
+    is clipped to ``limits`` (an accuracy band never leaves [0, 100] %)."""
     ok = np.isfinite(s.mean) & np.isfinite(x)
     if not ok.any():
         return
-    ax.plot(x[ok], s.mean[ok], color=color, label=label)
+    ax.plot(x[ok], s.mean[ok], color=color, label=label, **line)
     if s.n > 1:
-        ax.fill_between(x[ok], (s.mean - s.std)[ok], (s.mean + s.std)[ok], color=color,
-                        alpha=0.2, linewidth=0)
+        low, high = (s.mean - s.std)[ok], (s.mean + s.std)[ok]
+        if limits is not None:
+            low, high = np.clip(low, *limits), np.clip(high, *limits)
+        ax.fill_between(x[ok], low, high, color=color, alpha=alpha, linewidth=0)
+
+
+def bytes_axis(ax, which: str = "x") -> None:
+    """Tick labels in adaptive byte units (10 KB, 3 MB) on a byte axis."""
+    from matplotlib.ticker import FuncFormatter
+
+    def tick(v: float, _pos) -> str:
+        scale, unit = byte_unit(v)
+        return f"{v / scale:g} {unit}"
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_formatter(FuncFormatter(tick))
+    axis.set_minor_formatter(FuncFormatter(lambda v, pos: ""))
 
 
 def integer_ticks(ax) -> None:
@@ -486,11 +585,16 @@ def seeds_note(table: Table, row: str) -> str:
 # ---------------------------------------------------------------------------- command lines
 
 
+def plain(text: str) -> str:
+    """reStructuredText markup out of a docstring, for --help: ``x`` and :role:`x` -> x."""
+    return re.sub(r"(?::\w+:)?`{1,2}([^`]+)`{1,2}", r"\1", text)
+
+
 def cli(script: str, doc: str, separates: str = "figures",
         out: bool = True) -> argparse.ArgumentParser:
     """The arguments every analysis script shares: run files or folders, -o, --rows."""
     p = argparse.ArgumentParser(prog=f"python analysis/{script}.py",
-                                description=doc.split("\n\n")[0],
+                                description=plain(doc.split("\n\n")[0]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run files (.h5) or folders of them")
     if out:

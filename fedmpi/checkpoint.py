@@ -1,9 +1,11 @@
 """Checkpoint and resume.
 
 A checkpoint is taken at the top of a round (before anything of that round happens),
-every ``checkpoint.every`` rounds and when rank 0 receives SIGTERM or SIGUSR1 (SLURM's
-warning before a time limit or preemption; then the job exits with :data:`EXIT_REQUEUE`
-after writing it). It holds everything a run carries between rounds:
+every ``checkpoint.every`` rounds, once ``checkpoint.every_seconds`` of wall time have
+passed since the last one, and when rank 0 receives SIGINT (Ctrl-C; mpiexec passes it on
+to every rank), SIGTERM or SIGUSR1 (SLURM's warning before a time limit or preemption);
+after a signal the job exits with :data:`EXIT_REQUEUE`. A second Ctrl-C aborts at once.
+It holds everything a run carries between rounds:
 
 * the global model and the server's state: the downlink (server residual, its compressor
   state, the pending compressed payload, the missed-round cache sizes) and the
@@ -47,8 +49,8 @@ EXIT_REQUEUE = 75  #: exit status after a signal-triggered checkpoint: "resume m
 
 #: keys that may differ between a run and its resumption
 FREE_KEYS = {"run": {"rounds", "threads", "mpi_wait", "mpi_poll_max_ms", "device",
-                     "hdf5_swmr", "compute_slots", "pool_fits", "round_timeout"},
-             "checkpoint": {"every", "path"}}
+                     "hdf5_swmr", "compute_slots", "pool_fits", "round_timeout", "tensorboard"},
+             "checkpoint": {"every", "every_seconds", "path"}}
 
 
 class ResumeError(ValueError):
@@ -223,13 +225,39 @@ def restore(obj: Any, state: dict[str, Any]) -> None:
     vars(obj).update(state)
 
 
-class SignalFlag:
-    """Set by SIGTERM / SIGUSR1; replaces their default action (dying) on every rank."""
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+
+class SignalFlag:
+    """Set by SIGINT (Ctrl-C), SIGTERM and SIGUSR1; replaces their default action (dying,
+    or KeyboardInterrupt) on every rank, so that the run checkpoints at the next round
+    boundary. A SIGINT after any of them aborts at once (the process dies of it; under
+    mpiexec the job ends): the last checkpoint written stays. ``announce`` (rank 0) says
+    so on stderr when the first one arrives."""
+
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1),
+                 announce: bool = False):
         self.raised: int | None = None
+        self.announce = announce
         for sig in signals:
             signal.signal(sig, self._handler)
 
+    def _say(self, text: str) -> None:
+        if self.announce:
+            os.write(2, text.encode())  # safe in a signal handler, unlike print
+
     def _handler(self, signum, frame) -> None:
-        self.raised = signum
+        if self.raised is not None and signum == signal.SIGINT:
+            self._say("\nfedmpi: SIGINT again: aborting now\n")
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        if self.raised is None:
+            self._say(f"\nfedmpi: {signal_name(signum)}: the run checkpoints at the end of "
+                      "this round and stops (exit 75; continue with --resume); Ctrl-C "
+                      "again aborts at once\n")
+            self.raised = signum

@@ -39,7 +39,10 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "quickstart"  #: output file is ``<out_dir>/<name>.h5``
+    #: output file is <out_dir>/<name>.h5; python -m fedmpi.train names a run after its
+    #: config file (this name if the file sets it, else the file's name) plus the --set
+    #: values that change results, e.g. quickstart_lr-0.1 (fedmpi.config.run_name)
+    name: str = "quickstart"
     rounds: int = 30  #: communication rounds
     seed: int = 0  #: root of every random stream (partition, init, sampling, batches)
     out_dir: str = "runs"  #: folder of the HDF5 run file
@@ -65,6 +68,9 @@ class RunConfig:
     #: 10 x the slowest round so far, at least 600 s; -1 = never. Client ranks wait twice
     #: as long (rank 0 reports). Not with mpi_wait = "block" (blocking calls cannot time out)
     round_timeout: float = 0.0
+    #: rank 0 also writes TensorBoard event files to <out_dir>/<name>.tb (needs the
+    #: tensorboard package: pip install -e ".[tensorboard]")
+    tensorboard: bool = False
 
     def validate(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "run.name", "must be a file name")
@@ -127,8 +133,13 @@ class DataConfig:
         _require(self.syn_max_samples == 0 or self.syn_max_samples >= self.syn_min_samples,
                  "data.syn_max_samples", "must be 0 or >= data.syn_min_samples")
         _require(0.0 < self.syn_test_frac < 1.0, "data.syn_test_frac", "must be in (0, 1)")
-        _require(self.partition != "natural" or self.dataset == "synthetic", "data.partition",
-                 "'natural' is only defined for dataset 'synthetic'")
+        if self.partition == "natural" and self.dataset != "synthetic":
+            from fedmpi import data
+
+            valid = sorted(p for p in data.PARTITIONS if p != "natural")
+            raise ConfigError("data.partition", "'natural' is only defined for dataset "
+                              f"'synthetic'; for {self.dataset!r} use one of: "
+                              f"{', '.join(valid)}")
         _require(0.0 < self.train_frac <= 1.0, "data.train_frac",
                  f"must be in (0, 1] (got {self.train_frac})")
         _require(0.0 <= self.client_holdout < 1.0, "data.client_holdout",
@@ -290,11 +301,16 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 0  #: checkpoint every N rounds (0 = only on SIGTERM / SIGUSR1)
+    every: int = 0  #: checkpoint every N rounds (0 = by wall time and on signals only)
+    #: checkpoint once this many seconds have passed since the last one (0 = off); a
+    #: crash loses at most this much work. Ctrl-C, SIGTERM and SIGUSR1 always checkpoint
+    every_seconds: float = 600.0
     path: str = ""  #: checkpoint file; "" = <run.out_dir>/<run.name>.ckpt
 
     def validate(self) -> None:
         _require(self.every >= 0, "checkpoint.every", f"must be >= 0 (got {self.every})")
+        _require(self.every_seconds >= 0 and math.isfinite(self.every_seconds),
+                 "checkpoint.every_seconds", f"must be >= 0 (got {self.every_seconds})")
 
 
 @dataclass(frozen=True)
@@ -378,9 +394,13 @@ def _check_data_model(cfg: Config) -> None:
              "client.backprop", f"'dense' is defined for the dense chains "
              f"{', '.join(models.DENSE)} (model {cfg.model.name!r}); use 'auto' or 'autograd'")
     problem = models.fit_error(cfg.model, info.input_shape, info.num_classes)
-    _require(problem is None, "model.name", f"{problem}; dataset {cfg.data.dataset!r} has "
-             f"inputs of shape {'x'.join(map(str, info.input_shape))} and "
-             f"{info.num_classes} classes")
+    if problem is not None:
+        fitting = sorted(m for m in models.MODELS if models.fit_error(
+            dataclasses.replace(cfg.model, name=m), info.input_shape, info.num_classes) is None)
+        raise ConfigError("model.name", f"{problem}; dataset {cfg.data.dataset!r} has "
+                          f"inputs of shape {'x'.join(map(str, info.input_shape))} and "
+                          f"{info.num_classes} classes; models that fit it: "
+                          f"{', '.join(fitting) or 'none'}")
 
 
 # ---------------------------------------------------------------------------- typing
@@ -492,8 +512,69 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
+#: keys whose ``--set`` values do not enter a derived run name (None: a whole section):
+#: they change how a run is executed, checkpointed or measured (``eval``), not what it
+#: trains; and ``run.rounds``: a shorter run is the start of a longer one (``--resume
+#: --set run.rounds=N`` extends a run). fedmpi.analysis ignores the same keys.
+NAME_NEUTRAL = {"run": {"name", "rounds", "out_dir", "threads", "mpi_wait", "mpi_poll_max_ms",
+                        "compute_slots", "pool_fits", "hdf5_swmr", "device", "server_trains",
+                        "tensorboard"},
+                "data": {"root", "download", "check_md5"}, "eval": None, "checkpoint": None}
+MAX_RUN_NAME = 120  #: longer derived names end in a hash of their overrides
+
+
+def _name_part(value: Any) -> str:
+    import re
+
+    text = ("true" if value else "false") if isinstance(value, bool) else (
+        "-".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "_"
+
+
+def run_name(path: str | None, raw: dict[str, Any], overrides: typing.Sequence[str]) -> str:
+    """The run name of ``load(path, overrides)``: ``--set run.name`` if given; else the
+    file's ``run.name`` (or the file's name; ``quickstart`` for the embedded default) plus
+    one ``key-value`` part per ``--set`` that changes the file's value and the results,
+    e.g. ``quickstart_lr-0.1``, so runs of one file with different overrides never share
+    a run file. ``raw`` is the parsed file, before the overrides."""
+    import hashlib
+    import os
+
+    parsed = [parse_override(item) for item in overrides]
+    for (section, key), value in parsed:
+        if (section, key) == ("run", "name"):
+            return str(value)
+    base = raw.get("run", {}).get("name") if isinstance(raw.get("run"), dict) else None
+    if not base:
+        base = (os.path.splitext(os.path.basename(path))[0] if path else RunConfig.name)
+    changed: dict[tuple[str, str], Any] = {}
+    for (section, key), value in parsed:
+        neutral = NAME_NEUTRAL.get(section, ())
+        if neutral is None or key in neutral:
+            continue
+        table = raw.get(section) if isinstance(raw.get(section), dict) else {}
+        if key in table:
+            same = table[key] == value
+        else:
+            cls = SECTIONS.get(section)
+            known = {f.name: f for f in fields(cls)} if cls else {}
+            same = key in known and known[key].default == value
+        changed.pop((section, key), None)  # the last --set of a key wins, in its place
+        if not same:
+            changed[(section, key)] = value
+    short = [k if k != "name" else s for s, k in changed]
+    parts = [f"{_name_part(short[i] if short.count(short[i]) == 1 else f'{s}.{k}')}-"
+             f"{_name_part(v)}" for i, ((s, k), v) in enumerate(changed.items())]
+    name = "_".join([str(base), *parts])
+    if len(name) > MAX_RUN_NAME:
+        digest = hashlib.sha1("_".join(parts).encode()).hexdigest()[:10]
+        name = f"{name[:MAX_RUN_NAME - 11]}_{digest}"
+    return name
+
+
 def load(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load a TOML file (None = the embedded default), apply ``--set`` overrides, validate."""
+    """Load a TOML file (None = the embedded default), apply ``--set`` overrides, name the
+    run (:func:`run_name`), validate."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -503,6 +584,7 @@ def load(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Confi
             raise ConfigError(path, "config file not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(path, f"TOML syntax error: {exc}") from None
+    name = run_name(path, raw, overrides)
     for item in overrides:
         (section, key), value = parse_override(item)
         if section not in SECTIONS:
@@ -515,6 +597,8 @@ def load(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Confi
         (section, key), _ = parse_override(item)
         if section != "compressor" and key not in {f.name for f in fields(SECTIONS[section])}:
             raise ConfigError(f"{section}.{key}", "--set on a key that does not exist")
+    if isinstance(raw.get("run", {}), dict):
+        raw.setdefault("run", {})["name"] = name
     return from_dict(raw)
 
 
@@ -619,9 +703,54 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+def reference_text() -> str:
+    """Every key as ``key = default`` with its meaning, for a terminal."""
+    out = []
+    for key, default, meaning in reference_rows():
+        out += [f"{key} = {default}", *(f"    {line}" for line in _wrap(meaning))]
+    return "\n".join(out)
+
+
+def _wrap(text: str) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, 84) or [""]
+
+
+def main(argv: typing.Sequence[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m fedmpi.config", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Check a fedmpi run config and print it resolved: every key with its "
+        "value,\nthe --set overrides applied and the run name that python -m fedmpi.train "
+        "would use.\nOr list every config key with its default and meaning.",
+        epilog="examples:\n"
+        "  python -m fedmpi.config                          the default job, resolved\n"
+        "  python -m fedmpi.config jobs/x.toml --set client.lr=0.1\n"
+        "  python -m fedmpi.config --keys                   every key, default, meaning\n"
+        "  python -m fedmpi.config --markdown               the same as README's table\n"
+        "exit status: 0 valid, 2 a config error (printed with the key it names)")
+    p.add_argument("config", nargs="?", help="TOML run file (default: the embedded "
+                   "quickstart job)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--keys", action="store_true", help="list every key, its default and "
+                      "meaning")
+    what.add_argument("--markdown", action="store_true", help="the same as a markdown table")
+    args = p.parse_args(argv)
+    if args.keys or args.markdown:
+        print(reference_text() if args.keys else reference_markdown())
+        return 0
+    try:
+        cfg = load(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"fedmpi.config: error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(to_toml(cfg))
+    return 0
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--markdown"]:
-        print(reference_markdown())
-    else:
-        print("usage: python -m fedmpi.config --markdown", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

@@ -48,7 +48,9 @@ ROUND_METRICS: dict[str, str] = {
     "client_acc_mean": "f8",
     "participants": "i8", "diverged_clients": "i8",
     "uplink_bytes": "i8", "uplink_payload_bytes": "i8",
-    "downlink_bytes": "i8", "downlink_payload_bytes": "i8", "meta_bytes": "i8",
+    "downlink_payload_bytes": "i8",
+    # the simulator's transport, not the federated job: they change with the rank count
+    "transport_downlink_bytes": "i8", "transport_meta_bytes": "i8",
     "compression_ratio_up": "f8", "compression_ratio_down": "f8", "efficiency_mean": "f8",
     "time_round": "f8", "time_train": "f8", "time_encode": "f8", "time_comm": "f8",
     "time_decode": "f8", "time_eval": "f8",
@@ -271,6 +273,8 @@ def _probe_in_child(path: str, timeout: float = 60.0) -> None:
     if out.returncode != 0:
         lines = out.stderr.strip().splitlines()
         raise RunFileError(path, lines[-1] if lines else f"exit {out.returncode}")
+#: run files written before the transport counters were renamed: old name -> new name
+LEGACY_NAMES = {"downlink_bytes": "transport_downlink_bytes", "meta_bytes": "transport_meta_bytes"}
 
 
 def _open(path: str) -> h5py.File:
@@ -300,6 +304,9 @@ def _read(f: h5py.File) -> tuple[dict, dict, dict, np.ndarray]:
         return out
 
     rounds, clients = read("rounds"), read("clients")
+    for old, new in LEGACY_NAMES.items():
+        if old in rounds and new not in rounds:
+            rounds[new] = rounds.pop(old)
     n = min(len(v) for v in rounds.values())  # a live writer may be mid-row
     rounds = {k: v[:n] for k, v in rounds.items()}
     clients = {k: v[:n] for k, v in clients.items()}

@@ -2,8 +2,11 @@
 
 ``python -m fedmpi.sweep jobs/s.toml --list`` prints the runs and their state;
 ``--local [-n N] [--dry-run]`` runs the unfinished ones one after another through
-``mpiexec`` (``fedmpi.launch.command``); ``slurm/submit.py`` turns the same expansion into a
-SLURM job array.
+``mpiexec`` (``fedmpi.launch.command``), showing each run's round lines prefixed with
+``[i/n]`` and a line per run with the sweep's elapsed time and ETA; Ctrl-C is passed on to
+the running job, which checkpoints and stops, and the sweep stops after it (rerun the
+same command to continue). ``slurm/submit.py`` turns the same expansion into a SLURM job
+array.
 
 A sweep file is an ordinary run config (the ``[run]``, ``[data]``, ... sections) plus a
 ``[sweep]`` table::
@@ -49,11 +52,13 @@ whose HDF5 file is marked ``complete`` are skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import itertools
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -432,10 +437,11 @@ def write_configs(sweep: Sweep, points: Sequence[Point] | None = None) -> None:
         os.replace(tmp, p.config_path)
 
 
-def train_args(point: Point) -> list[str]:
+def train_args(point: Point, restart: bool = False) -> list[str]:
     """Arguments of ``fedmpi.train`` for a point: ``--resume`` continues a partial run from
-    its checkpoint (and starts afresh where there is none)."""
-    return [point.config_path, "--resume"]
+    its checkpoint (a run without rounds starts afresh; one with rounds but no checkpoint
+    is refused, or started again with ``restart``)."""
+    return [point.config_path, "--restart" if restart else "--resume"]
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -460,8 +466,48 @@ def list_runs(sweep: Sweep, out=None) -> None:
             print(f"damaged: {st.error}", file=out)
 
 
-def run_local(sweep: Sweep, n: int, dry_run: bool = False, out=None) -> int:
-    """Run the unfinished points one after another; returns the number that failed."""
+#: exit status of ``--local`` after Ctrl-C / SIGTERM: the running job checkpointed
+EXIT_INTERRUPTED = 75
+
+
+class Forward:
+    """While a run's ``mpiexec`` is alive, SIGINT, SIGTERM and SIGUSR1 to this process are
+    passed on to it (mpiexec hands them to every rank: the run checkpoints at the end of
+    its round and exits 75; a second Ctrl-C makes mpiexec abort the job). The job runs in
+    its own process group, so a terminal's Ctrl-C reaches it once, through here."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.child: subprocess.Popen | None = None
+        self.received: list[int] = []
+        self.old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+
+    def _handler(self, signum, frame) -> None:
+        self.received.append(signum)
+        if self.child is not None and self.child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.child.send_signal(signum)
+
+    def restore(self) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+def _eta(seconds: float, rounds_done: int, rounds_left: int) -> str:
+    from fedmpi.progress import fmt_duration
+
+    if rounds_done <= 0:
+        return "?"
+    return fmt_duration(seconds / rounds_done * rounds_left)
+
+
+def run_local(sweep: Sweep, n: int, dry_run: bool = False, out=None, restart: bool = False,
+              quiet: bool = False) -> int:
+    """Run the unfinished points one after another. Exit status: 0 all done, 1 some
+    failed, :data:`EXIT_INTERRUPTED` when a signal stopped the sweep."""
+    from fedmpi.progress import fmt_duration, terminal_width
+
     out = out or sys.stdout
     failed = []
     todo = [(p, state(p)) for p in sweep.points]
@@ -477,34 +523,86 @@ def run_local(sweep: Sweep, n: int, dry_run: bool = False, out=None) -> int:
     for p, st in todo:
         if st.status == "complete":
             print(f"skip {p.name}: complete", file=out, flush=True)
-            continue
-        if st.status == "damaged":  # resuming would refuse it too; never overwrite it
+        elif st.status == "damaged":  # resuming would refuse it too; never overwrite it
             failed.append(p.name)
             print(f"skip {p.name}: {st.error}; move it away to run this point again",
                   file=out, flush=True)
-            continue
-        cmd = launch.command(n, "fedmpi.train", [*train_args(p), "--quiet"])
-        if dry_run:
+    pending = [(p, st) for p, st in pending if st.status != "damaged"]
+    if dry_run:
+        for p, _ in pending:
+            cmd = launch.command(n, "fedmpi.train", [*train_args(p, restart), "--quiet"])
             print(" ".join(cmd), file=out, flush=True)
-            continue
-        print(f"run  {p.name} ({p.index + 1}/{len(todo)})", file=out, flush=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=launch.environment())
-        took = time.perf_counter() - t0
-        if proc.returncode != 0:
-            failed.append(p.name)
-            print(f"FAIL {p.name}: exit {proc.returncode} after {took:.1f} s", file=out,
-                  flush=True)
-        else:
-            print(f"done {p.name} in {took:.1f} s", file=out, flush=True)
+        return 0
+    forward = Forward()
+    try:
+        t_start = time.perf_counter()
+        rounds_done = 0  # rounds run by this invocation's finished jobs
+        left = sum(st.rounds - st.rows for _, st in pending)
+        for i, (p, st) in enumerate(pending):
+            tag = f"[{i + 1}/{len(pending)}]"
+            spent = time.perf_counter() - t_start
+            print(f"{tag} run  {p.name} ({st.rows}/{st.rounds} rounds on disk; sweep "
+                  f"{fmt_duration(spent)}, ETA {_eta(spent, rounds_done, left)})",
+                  file=out, flush=True)
+            code, took = _run_one(p, n, tag, forward, out, restart, quiet, terminal_width(out))
+            after = state(p)
+            rounds_done += max(0, after.rows - st.rows)
+            left -= st.rounds - st.rows
+            if forward.received:
+                name = signal.Signals(forward.received[0]).name
+                print(f"sweep {sweep.name}: {name}: {p.name} stopped with exit {code} "
+                      f"after {took:.1f} s" + (" (checkpointed)" if code == 75 else "")
+                      + f", {after.rows}/{after.rounds} rounds on disk; rerun the same "
+                      "command to continue", file=out, flush=True)
+                return EXIT_INTERRUPTED
+            if code != 0:
+                failed.append(p.name)
+                print(f"{tag} FAIL {p.name}: exit {code} after {took:.1f} s", file=out,
+                      flush=True)
+            else:
+                print(f"{tag} done {p.name} in {took:.1f} s", file=out, flush=True)
+    finally:
+        forward.restore()
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=out, flush=True)
-    return len(failed)
+    return 1 if failed else 0
+
+
+def _run_one(p: Point, n: int, tag: str, forward: Forward, out, restart: bool,
+             quiet: bool, width: int | None) -> tuple[int, float]:
+    """Run one point's job, its output lines prefixed with ``tag``; (exit status, s)."""
+    cmd = launch.command(n, "fedmpi.train", [*train_args(p, restart)]
+                         + (["--quiet"] if quiet else []))
+    env = launch.environment()
+    if width is not None:  # the job's round lines fit this terminal after the prefix
+        env["FEDMPI_COLUMNS"] = str(max(40, width - len(tag) - 1))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1, start_new_session=True)
+    forward.child = proc
+    try:
+        for line in proc.stdout:
+            out.write(f"{tag} {line}")
+            out.flush()
+        code = proc.wait()
+    finally:
+        forward.child = None
+        if proc.poll() is None:  # only on an error here: do not leave the job behind
+            proc.kill()
+            proc.wait()
+    return code, time.perf_counter() - t0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fedmpi.sweep", description=__doc__.split(
-        "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fedmpi.sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Expand a sweep file (a run config plus a [sweep] table) into named "
+        "runs: list them\nwith their state, or run the unfinished ones here one after "
+        "another.",
+        epilog="Ctrl-C during --local: the running job checkpoints at the end of its round "
+        "and stops,\nthe sweep stops after it (exit 75); rerun the same command to "
+        "continue. A second\nCtrl-C aborts the job at once. SLURM: python slurm/submit.py "
+        "SWEEP --help")
     p.add_argument("sweep", help="sweep TOML file (a run config plus a [sweep] table)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--list", action="store_true", help="print the runs and their state")
@@ -514,6 +612,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="MPI processes per run (default: [sweep] ranks, else 1)")
     p.add_argument("--dry-run", action="store_true",
                    help="with --local: print the commands, run nothing, write nothing")
+    p.add_argument("--restart", action="store_true",
+                   help="with --local: a run with rounds but no checkpoint starts again "
+                   "from round 1 (without it, such a run fails with a message)")
+    p.add_argument("--quiet", action="store_true",
+                   help="with --local: no per-round lines, only a line per run")
     return p.parse_args(argv)
 
 
@@ -527,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n = args.n or sweep.ranks or 1
         if n < 1:
             raise ConfigError("-n", f"must be >= 1 (got {n})")
-        return 1 if run_local(sweep, n, args.dry_run) else 0
+        return run_local(sweep, n, args.dry_run, restart=args.restart, quiet=args.quiet)
     except ConfigError as exc:
         print(f"fedmpi.sweep: error: {exc}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ from fedmpi.fitpool import open_pool, pooled
 from fedmpi.gate import job_key, open_gate
 from fedmpi.models import FlatModel, build_module
 from fedmpi.outputs import claim, probe_dir, release_all
+from fedmpi.progress import Progress, TensorBoard, summary, terminal_width
 from fedmpi.server import Server, sample_participants
 
 TAG_INIT = 401
@@ -55,18 +56,46 @@ class StopRun(Exception):
     """A user error found on some rank(s) during setup; every rank stops with exit code 2."""
 
 
+HELP = """\
+Run one federated-learning job: rank 0 is the server, the other ranks simulate the
+clients. One line per round, a summary at the end, every round in <out_dir>/<name>.h5.
+"""
+EPILOG = """\
+examples:
+  python -m fedmpi.train                                  the default job, 1 process
+  python -m fedmpi.train jobs/x.toml --set client.lr=0.1  a run file, one key changed
+  mpiexec -n 3 python -m mpi4py -m fedmpi.train jobs/x.toml   2 client ranks
+
+run name: run.name if the config sets it, else the config file's name (quickstart for the
+default job) plus the --set values that change results, e.g. quickstart_lr-0.1.
+
+Ctrl-C (SIGINT), SIGTERM, SIGUSR1: checkpoint at the end of the round and stop (exit 75;
+continue with --resume); a second Ctrl-C aborts at once. A checkpoint is also written
+every checkpoint.every_seconds (default 600) and every checkpoint.every rounds.
+
+exit status: 0 done, 2 bad input, 3 diverged (stopped), 75 checkpointed on a signal,
+1 any other failure.  Config keys: python -m fedmpi.config --help
+"""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fedmpi.train", description=__doc__.split(
-        "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m fedmpi.train", description=HELP,
+                                epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="TOML run file (default: the embedded "
                    "quickstart job, jobs/quickstart.toml)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run file")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint "
-                   "(start afresh if there is none; nothing to do if the run is complete)")
+                   "(a run that has rounds but no checkpoint is refused; nothing to do if "
+                   "the run is complete)")
+    p.add_argument("--restart", action="store_true", help="like --resume, but a run with "
+                   "rounds and no checkpoint starts again from round 1")
     p.add_argument("--quiet", action="store_true", help="no per-round lines")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.resume = args.resume or args.restart
+    return args
 
 
 def on_server(t: Transport, fn):
@@ -81,14 +110,6 @@ def on_server(t: Transport, fn):
     if not t.agree(error is None):
         raise StopRun(str(error) if error else "")
     return result
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000.0
-    return f"{n:.1f} GB"
 
 
 def output_path(cfg: config.Config, overwrite: bool, resume: bool = False) -> str:
@@ -129,6 +150,8 @@ def distribute_shards(t: Transport, loaded, parts, owners, device) -> dict[int, 
 
 
 def run(args: argparse.Namespace, t: Transport) -> int:
+    # Ctrl-C / SIGTERM / SIGUSR1 from here on: checkpoint at the next round boundary
+    signals = checkpoint.SignalFlag(announce=t.is_server)
     # 1. config, device, threads -----------------------------------------------------
     cfg = config.load(args.config, args.overrides)
     t.wait_mode, t.poll_max = cfg.run.mpi_wait, cfg.run.mpi_poll_max_ms / 1000.0
@@ -145,7 +168,8 @@ def run(args: argparse.Namespace, t: Transport) -> int:
                         t.node_allgather, t.local_rank)
     info = data.info(cfg.data)
     path = on_server(t, lambda: output_path(cfg, args.overwrite, args.resume))
-    saved = on_server(t, lambda: resume_state(cfg, path, device)) if args.resume else None
+    saved = (on_server(t, lambda: resume_state(cfg, path, device, args.restart))
+             if args.resume else None)
     if t.bcast_object(saved == "complete"):
         if t.is_server:
             print(f"fedmpi: {path} is already complete; nothing to resume", flush=True)
@@ -192,7 +216,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     if first:  # resume: server state on rank 0, client states to their (new) owners
         restore_run(t, saved, owners, model, down_link, estimator, group)
 
-    server = writer = None
+    server = writer = board = None
     if t.is_server:
         holdout = None
         if cfg.data.client_holdout > 0:  # every client's held-out samples, and whose
@@ -215,15 +239,18 @@ def run(args: argparse.Namespace, t: Transport) -> int:
                                        swmr=cfg.run.hdf5_swmr)
         print(f"fedmpi: {cfg.run.name}: {cfg.data.dataset} / {cfg.model.name} "
               f"(d = {model.d:,}), {cfg.data.num_clients} clients on {len(ranks)} client "
-              f"rank(s), compressor {compressor.name}, {cfg.run.rounds} rounds -> {path}",
-              flush=True)
+              f"rank(s), compressor {compressor.name}, {cfg.run.rounds} rounds -> {path}"
+              + (f" (resumed at round {first + 1})" if first else ""), flush=True)
+        shown = Progress(cfg.run.rounds, first, terminal_width())
+        board = (TensorBoard(path, first, config.to_toml(cfg))
+                 if cfg.run.tensorboard else None)
 
     # 3. rounds ------------------------------------------------------------------------
     header = np.zeros(HEADER + cfg.data.num_clients, dtype=np.int64)
     history = []
     stopped = None  # rank 0: why the run stops early (divergence), else None
     start = time.perf_counter() - (saved["wall_time"] if first and t.is_server else 0.0)
-    signals = checkpoint.SignalFlag()
+    last_checkpoint = time.perf_counter()
     cpu0 = time.process_time()
     code = 0
     limit = RoundLimit(cfg.run.round_timeout, t.is_server)
@@ -232,7 +259,8 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         t.reset_counters()
         t.begin_round(rnd, limit.next_round())
         if t.is_server:  # nothing here changes server state: a checkpoint may follow
-            due = cfg.checkpoint.every and rnd > first and rnd % cfg.checkpoint.every == 0
+            due = checkpoint_due(cfg.checkpoint, rnd, first,
+                                 time.perf_counter() - last_checkpoint)
             control = ((checkpoint.CONTROL_STOP if stopped else 0)
                        | (checkpoint.CONTROL_CHECKPOINT if due or signals.raised else 0)
                        | (checkpoint.CONTROL_EXIT if signals.raised else 0))
@@ -249,11 +277,13 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         if control & checkpoint.CONTROL_CHECKPOINT:
             take_checkpoint(t, cfg, rnd, time.perf_counter() - start, model, down_link,
                             estimator, group)
+            last_checkpoint = time.perf_counter()
         if control & checkpoint.CONTROL_EXIT:
             code = checkpoint.EXIT_REQUEUE
             if t.is_server:
-                print(f"fedmpi: signal {signals.raised}: checkpointed before round {rnd}; "
-                      "rerun with --resume", file=sys.stderr, flush=True)
+                stopped = (f"{checkpoint.signal_name(signals.raised)}: checkpointed before "
+                           f"round {rnd + 1}; rerun with --resume")
+                print(f"fedmpi: {stopped}", file=sys.stderr, flush=True)
             break
         t.expect_records(2 + max_slots * SLOT)
         participants = [int(i) for i in np.flatnonzero(header[HEADER:])]
@@ -366,8 +396,8 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             "train_loss": float(np.mean(by_id[:, 3])), "participants": len(wire),
             "diverged_clients": len(diverged),
             "uplink_bytes": c.uplink, "uplink_payload_bytes": int(sum(sizes)),
-            "downlink_bytes": c.downlink, "downlink_payload_bytes": down_client_bytes,
-            "meta_bytes": c.meta,
+            "downlink_payload_bytes": down_client_bytes,
+            "transport_downlink_bytes": c.downlink, "transport_meta_bytes": c.meta,
             "compression_ratio_up": compressor.dense_bytes() * len(wire) / max(1, c.uplink),
             "compression_ratio_down": (4 * model.d / per_broadcast if per_broadcast
                                        else float("nan")),
@@ -379,11 +409,10 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         }
         writer.append(row, per_client)
         history.append(row)
+        if board is not None:
+            board.add(row)
         if not args.quiet:
-            print(f"round {rnd + 1:4d}/{cfg.run.rounds}  acc {acc:.4f}  loss {loss:.4f}  "
-                  f"train {row['train_loss']:.4f}  up {fmt_bytes(c.uplink)} "
-                  f"(x{row['compression_ratio_up']:.1f})  down {fmt_bytes(c.downlink)}  "
-                  f"{round_time:.2f} s", flush=True)
+            print(shown.line(row), flush=True)
         if stopped:
             print(f"fedmpi: stopping: {stopped}", file=sys.stderr, flush=True)
 
@@ -405,11 +434,23 @@ def run(args: argparse.Namespace, t: Transport) -> int:
                  "pss_mb": np.asarray([r[5] for r in per_rank])}
         if stopped:
             attrs["stopped"] = stopped
-            code = 3
+            code = code or 3
         writer.close(complete=code == 0, attrs=attrs)
+        if board is not None:
+            board.close()
         if history:
-            print_summary(cfg, history, path)
+            print(summary(path, cfg.run.name, stopped), flush=True)
     return int(t.bcast_object(code))
+
+
+def checkpoint_due(ck: config.CheckpointConfig, rnd: int, first: int, since: float) -> bool:
+    """Rank 0: checkpoint at the top of round ``rnd``? Every ``ck.every`` rounds, and once
+    ``ck.every_seconds`` of wall time have passed since the last checkpoint (or the start);
+    never at the round this process started at (that state is on disk already)."""
+    if rnd == first:
+        return False
+    return bool(ck.every and rnd % ck.every == 0) or bool(
+        ck.every_seconds and since >= ck.every_seconds)
 
 
 def pss_mb() -> float:
@@ -423,15 +464,28 @@ def pss_mb() -> float:
         return float("nan")
 
 
-def resume_state(cfg: config.Config, path: str, device) -> dict | str | None:
-    """Rank 0: the checkpoint to resume from, "complete", or None (start afresh)."""
+def resume_state(cfg: config.Config, path: str, device,
+                 restart: bool = False) -> dict | str | None:
+    """Rank 0: the checkpoint to resume from, "complete", or None (start afresh: no run
+    file, one without rounds, or ``restart``). A run file with rounds but no checkpoint is
+    refused: starting it afresh would drop its rounds without a word."""
+    rows = 0
     if os.path.exists(path):
         run = metrics.open_run(path)
         checkpoint.check_same_run(run.attrs["config"], cfg, path)
         if run.complete and len(run) >= cfg.run.rounds:
             return "complete"
+        rows = len(run)
     ckpt = checkpoint.path_for(cfg)
     if not os.path.exists(ckpt):
+        if rows and not restart:
+            raise checkpoint.ResumeError(
+                f"--resume: {path} has {rows} round(s) but there is no checkpoint {ckpt} "
+                "to continue from; pass --restart to run it again from round 1 (its rounds "
+                "are replaced), or choose another run.name")
+        if rows:
+            print(f"fedmpi: --restart: {path} has {rows} round(s) and no checkpoint; "
+                  "starting again from round 1", flush=True)
         return None
     state = checkpoint.load(ckpt, device)
     checkpoint.check_same_run(state["config"], cfg, ckpt)
@@ -478,21 +532,6 @@ def restore_run(t: Transport, saved, owners, model, down_link, estimator, group)
         group.set_global(replica.to(group.global_params.device))
 
 
-def print_summary(cfg: config.Config, history: list[dict], path: str) -> None:
-    accs = [h["test_acc"] for h in history if not np.isnan(h["test_acc"])]
-    up = sum(h["uplink_bytes"] for h in history)
-    down = sum(h["downlink_bytes"] for h in history)
-    total = history[-1]["wall_time"] if history else 0.0
-    phases = {k: sum(h[f"time_{k}"] for h in history)
-              for k in ("train", "encode", "comm", "decode", "eval")}
-    split = "  ".join(f"{k} {v:.1f}s" for k, v in phases.items())
-    accs = accs or [float("nan")]
-    print(f"done: {cfg.run.name}: final acc {accs[-1]:.4f} (best {max(accs):.4f}), "
-          f"uplink {fmt_bytes(up)}, downlink {fmt_bytes(down)}, "
-          f"{len(history)} rounds in {total:.1f} s ({total / max(1, len(history)):.2f} s/round:"
-          f" {split}) -> {path}", flush=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     t = Transport()
@@ -507,6 +546,12 @@ def main(argv: list[str] | None = None) -> None:
         if t.size > 1:
             t.abort(1)
         code = 1
+    except KeyboardInterrupt:  # Ctrl-C before the round loop could take it over
+        if t.is_server:
+            print("fedmpi: interrupted before the first round", file=sys.stderr, flush=True)
+        if t.size > 1:
+            t.abort(130)
+        code = 130
     except BaseException:
         sys.stderr.write(f"fedmpi: rank {t.rank} of {t.size} failed:\n"
                          + traceback.format_exc())

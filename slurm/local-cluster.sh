@@ -9,13 +9,17 @@
 #        SLURM_AUTH    munge (default) | none  (none: no munged; any local user can claim
 #                      any uid, so only on a throwaway machine)
 #        SLURM_INSTALL 1 = apt-get install the packages if missing (default 0: fail)
+#        SLURM_ETC_CONF where the convenience link goes (default /etc/slurm/slurm.conf)
 # After `up`, sbatch/squeue/scontrol find the cluster through /etc/slurm/slurm.conf (a
-# symlink made here unless a real config exists) or `export SLURM_CONF=$SLURM_DIR/slurm.conf`.
+# symlink made here unless a real config exists) or `export SLURM_CONF=$SLURM_DIR/slurm.conf`;
+# `down` removes that link again (only if it is ours). `status` prints one line, and
+# sinfo's when the cluster is up; its exit status is 0 when up, 1 when down.
 # Only one such cluster per machine: it listens on the default ports 6817/6818, on
 # 127.0.0.1 (no name resolution needed).
 set -euo pipefail
 D=${SLURM_DIR:-/tmp/fedmpi-slurm}
 AUTH=${SLURM_AUTH:-munge}
+ETC_CONF=${SLURM_ETC_CONF:-/etc/slurm/slurm.conf}
 H=$(hostname -s)
 export SLURM_CONF=$D/slurm.conf
 case "$AUTH" in munge|none) ;; *) echo "SLURM_AUTH must be munge or none" >&2; exit 2;; esac
@@ -30,10 +34,22 @@ case "${1:-up}" in
       if alive "$p"; then kill "$(cat "$p")"; fi; done
     for p in "$D/slurmd.pid" "$D/slurmctld.pid" "$D/munge/munged.pid"; do
       for _ in $(seq 50); do alive "$p" || break; sleep 0.1; done; rm -f "$p"; done
+    # the link `up` made would dangle (or point at a stopped cluster): remove it if ours
+    if [ -L "$ETC_CONF" ] && [ "$(readlink "$ETC_CONF")" = "$SLURM_CONF" ]; then
+      rm -f "$ETC_CONF"
+    fi
+    echo "local SLURM cluster down ($D)"
     exit 0;;
   status)
-    alive "$D/slurmctld.pid" && alive "$D/slurmd.pid" && sinfo -h -o '%P %a %D %T %N'
-    exit $?;;
+    if alive "$D/slurmctld.pid" && alive "$D/slurmd.pid"; then
+      echo "local SLURM cluster up ($D, $SLURM_CONF):"
+      sinfo -h -o '%P %a %D %T %N'
+      exit $?
+    fi
+    down=""
+    for p in slurmctld slurmd; do alive "$D/$p.pid" || down="$down $p"; done
+    echo "local SLURM cluster down ($D: not running:$down); start it with: $0 up"
+    exit 1;;
   up) ;;
   *) echo "usage: $0 [up|down|status]" >&2; exit 2;;
 esac
@@ -80,9 +96,9 @@ PartitionName=debug Nodes=$H Default=YES MaxTime=INFINITE State=UP
 EOF
 mv "$SLURM_CONF.new" "$SLURM_CONF"
 # let plain `sbatch` etc. find it without SLURM_CONF (unless a real config exists)
-mkdir -p /etc/slurm
-if [ ! -e /etc/slurm/slurm.conf ] || [ -L /etc/slurm/slurm.conf ]; then
-  ln -sfn "$SLURM_CONF" /etc/slurm/slurm.conf
+mkdir -p "$(dirname "$ETC_CONF")"
+if [ ! -e "$ETC_CONF" ] || [ -L "$ETC_CONF" ]; then
+  ln -sfn "$SLURM_CONF" "$ETC_CONF"
 fi
 if [ "$AUTH" = munge ] && ! munge -n >/dev/null 2>&1; then  # no working munged yet
   install -d -o munge -g munge -m 755 /run/munge "$D/munge"

@@ -16,6 +16,12 @@ MPICH/Open MPI launcher beside this Python, which takes the hosts from the alloc
 itself to ``cuda:(local_rank % GPUs)``. Before the time limit (``--signal-before``) the
 task tells the run to checkpoint and requeues itself; a restarted task passes
 ``--resume``. ``--dry-run`` prints the script and writes nothing.
+
+The tasks run the fedmpi of the checkout this script belongs to, not whichever fedmpi is
+installed or first on the submitting shell's ``PYTHONPATH``: the script puts it first on
+``PYTHONPATH`` (and sets ``PYTHONSAFEPATH``, so the job's working folder cannot shadow
+it), checks before starting that Python imports fedmpi from there, and logs the git
+commit it was submitted at next to the one it runs (the run file records the latter).
 """
 
 from __future__ import annotations
@@ -29,13 +35,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-try:
-    from fedmpi import launch, sweep
-    from fedmpi.config import ConfigError
-except ImportError:  # run from a checkout that is not installed
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from fedmpi import launch, sweep
-    from fedmpi.config import ConfigError
+#: the checkout this script lives in: its fedmpi is the one submitted and run
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(CHECKOUT, "fedmpi", "__init__.py")):
+    sys.path.insert(0, CHECKOUT)  # before an installed fedmpi or another checkout's
+
+from fedmpi import launch, sweep  # noqa: E402
+from fedmpi.config import ConfigError  # noqa: E402
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "array.sbatch")
 _PLACEHOLDER = re.compile(r"\{\{([A-Z_]+)\}\}")
@@ -58,8 +64,10 @@ class Options:
     python: str = sys.executable  #: the Python (with fedmpi installed) on the nodes
     mpiexec: str | None = None  #: the launcher (None: fedmpi.launch.mpiexec())
     workdir: str | None = None  #: job working folder (None: this one)
-    #: the folder holding the fedmpi package the jobs import (None: this fedmpi's)
+    #: the folder holding the fedmpi package the jobs import (None: this checkout)
     fedmpi_root: str | None = None
+    #: the git commit of fedmpi_root at submission (None: read it now)
+    commit: str | None = None
     log_dir: str | None = None  #: shared log folder (None: <out_dir>/logs)
     extra: tuple[str, ...] = ()  #: more sbatch options, e.g. "--mem=32G"
 
@@ -83,6 +91,32 @@ def time_seconds(limit: str) -> int:
     if m.group(3) is not None:  # M:S
         return a * 60 + b
     return a * 60  # M
+
+
+def checkout_commit(root: str) -> str:
+    """``git rev-parse HEAD`` of ``root``, with ``+dirty`` when tracked files changed;
+    ``unknown`` outside git."""
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=30)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def fedmpi_root(opts: Options) -> str:
+    """The folder whose fedmpi package the jobs run: --fedmpi-root, else this checkout
+    (else, for an installed copy of this script, the fedmpi it imported)."""
+    if opts.fedmpi_root:
+        return os.path.abspath(opts.fedmpi_root)
+    if os.path.isfile(os.path.join(CHECKOUT, "fedmpi", "__init__.py")):
+        return CHECKOUT
+    return os.path.dirname(os.path.dirname(os.path.abspath(sweep.__file__)))
 
 
 def _path(path: str, workdir: str) -> str:
@@ -161,8 +195,8 @@ def render(sw: sweep.Sweep, points: Sequence[sweep.Point], opts: Options,
                                                                                workdir)),
         "OUT_DIR": shlex.quote(out_dir), "MAX_REQUEUES": str(opts.max_requeues),
         "LAUNCH": launch_line,
-        "FEDMPI_ROOT": shlex.quote(opts.fedmpi_root or os.path.dirname(os.path.dirname(
-            os.path.abspath(sweep.__file__)))),
+        "FEDMPI_ROOT": shlex.quote(root := fedmpi_root(opts)),
+        "COMMIT": shlex.quote(opts.commit or checkout_commit(root)),
     }
     if template is None:
         with open(TEMPLATE) as fh:
@@ -236,6 +270,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mpiexec", default=None, help="mpiexec on the nodes (default: the one "
                    "beside this Python)")
     p.add_argument("--workdir", default=None, help="job working folder (default: here)")
+    p.add_argument("--fedmpi-root", default=None, help="the folder whose fedmpi package "
+                   "the jobs run (default: the checkout of this script, "
+                   f"{CHECKOUT})")
     p.add_argument("--log-dir", default=None, help="shared log folder (default: "
                    "<out_dir>/logs)")
     p.add_argument("--sbatch-option", dest="extra", action="append", default=[],
@@ -256,7 +293,8 @@ def options(args: argparse.Namespace, sw: sweep.Sweep) -> Options:
                    max_parallel=args.max_parallel, signal_before=args.signal_before,
                    max_requeues=args.max_requeues, launcher=args.launcher,
                    srun_mpi=args.srun_mpi, python=args.python, mpiexec=args.mpiexec,
-                   workdir=args.workdir, log_dir=args.log_dir, extra=tuple(args.extra))
+                   workdir=args.workdir, fedmpi_root=args.fedmpi_root, log_dir=args.log_dir,
+                   extra=tuple(args.extra))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,10 +28,12 @@ SMALL = ["--set", "data.num_clients=6", "--set", "run.rounds=3", "--set", "run.t
 
 
 def run_train(tmp_path: Path, n: int = 1, args: list[str] = (), name: str = "run",
-              timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+              timeout: float = 240, check: bool = True,
+              quiet: bool = True) -> subprocess.CompletedProcess:
     """Run ``fedmpi.train`` on ``n`` ranks (always through mpiexec) into ``tmp_path``."""
     cmd = launch.command(n, "fedmpi.train", [*args, "--set", f"run.name={name}",
-                                             "--set", f"run.out_dir={tmp_path}", "--quiet"])
+                                             "--set", f"run.out_dir={tmp_path}"]
+                         + (["--quiet"] if quiet else []))
     env = launch.environment()
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,

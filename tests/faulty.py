@@ -3,6 +3,10 @@
 ``FEDMPI_TEST_FAULT = KIND:RANK:ROUND`` where KIND is
   raise      -- ClientGroup.run_round raises on RANK in ROUND;
   kill       -- RANK SIGKILLs itself at the start of its work in ROUND;
+  hold       -- RANK prints "holding" to stderr and sleeps for 10 minutes at the start
+                of its work in ROUND (a round that does not end);
+  pause      -- RANK prints "paused" to stderr at the start of its work in ROUND and
+                goes on once it has received a signal (so the signal arrives in ROUND);
   killwrite  -- rank 0 SIGKILLs itself in the middle of writing the row of ROUND
                 (datasets resized, values half written, nothing flushed);
   nan        -- client RANK (a client id here; -1 = every client) returns a NaN update
@@ -26,13 +30,23 @@ import time
 import torch
 from mpi4py import MPI
 
-from fedmpi import client, data, metrics, train
+from fedmpi import checkpoint, client, data, metrics, train
 
 kind, who, when = os.environ["FEDMPI_TEST_FAULT"].split(":")
 who, when = int(who), int(when)
 rank = MPI.COMM_WORLD.Get_rank()
 
-if kind in ("raise", "kill", "stop") and rank == who:
+if kind == "pause":
+    handler = checkpoint.SignalFlag._handler
+
+    def _handler(self, signum, frame):
+        handler(self, signum, frame)
+        SIGNALLED.append(signum)
+
+    SIGNALLED: list[int] = []
+    checkpoint.SignalFlag._handler = _handler
+
+if kind in ("raise", "kill", "stop", "hold", "pause") and rank == who:
     original = client.ClientGroup.run_round
 
     def run_round(self, round_, participants):
@@ -42,7 +56,14 @@ if kind in ("raise", "kill", "stop") and rank == who:
             if os.environ.get("FEDMPI_TEST_MARK"):
                 with open(os.environ["FEDMPI_TEST_MARK"], "w") as fh:
                     fh.write(repr(time.time()))
-            os.kill(os.getpid(), signal.SIGSTOP if kind == "stop" else signal.SIGKILL)
+            if kind in ("hold", "pause"):
+                print("holding" if kind == "hold" else "paused", file=sys.stderr,
+                      flush=True)
+                end = time.monotonic() + 600
+                while time.monotonic() < end and not (kind == "pause" and SIGNALLED):
+                    time.sleep(0.05)
+            else:
+                os.kill(os.getpid(), signal.SIGSTOP if kind == "stop" else signal.SIGKILL)
         return original(self, round_, participants)
 
     client.ClientGroup.run_round = run_round

@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -151,7 +152,10 @@ def test_curves_cli_writes_png_and_pdf(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     paths = proc.stdout.split()
     assert [Path(p).name for p in paths] == ["curves_Synthetic_MLP.png",
-                                             "curves_Synthetic_MLP.pdf"]
+                                             "curves_Synthetic_MLP.pdf",
+                                             "traffic_Synthetic_MLP.png",
+                                             "traffic_Synthetic_MLP.pdf"]
+    _valid_png(paths[2])
     _valid_png(paths[0])
     _valid_pdf(paths[1])
 
@@ -199,6 +203,7 @@ def test_sharpness(runs, tmp_path, capsys):
                 assert np.isnan(lam[:2]).all() and np.isfinite(lam[2])  # last round only
                 lmax.append(lam[2])
                 trace.append(f["rounds/sharpness_trace"][2])
+        label = "none (dense)" if label == "FedAvg" else label  # FedAvg compresses nothing
         row = next(ln for ln in out.splitlines() if f"| no SAM | {label} |" in ln)
         assert f"{np.mean(lmax):.3f} ± {np.std(lmax, ddof=1):.3f}" in row
         assert f"{np.mean(trace):.2f} ± {np.std(trace, ddof=1):.2f}" in row
@@ -291,3 +296,124 @@ def test_stat_and_best():
     assert (s.mean, s.n) == (2.0, 3) and s.std == pytest.approx(1.0)
     assert A.stat([4.0]) == A.Stat(4.0, 0.0, 1)
     assert A.stat([]).n == 0
+
+
+# ---------------------------------------------------------------------------- figure details
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the scripts make, kept open instead of written (A.save replaced)."""
+    kept = {}
+
+    def save(fig, out_base):
+        kept[Path(out_base).name] = fig
+        return [f"{out_base}.png"]
+
+    monkeypatch.setattr(A, "save", save)
+    yield kept
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def _bands(ax) -> np.ndarray:
+    """The y values of every band (fill_between polygon) drawn in ``ax``."""
+    ys = [p.vertices[:, 1] for c in ax.collections for p in c.get_paths()]
+    return np.concatenate(ys) if ys else np.zeros(0)
+
+
+def test_accuracy_bands_stay_in_0_100(figures):
+    plt = A.pyplot()
+    s = A.Series(rounds=np.arange(1.0, 4.0), mean=np.array([5.0, 60.0, 97.0]),
+                 std=np.array([9.0, 5.0, 8.0]), x_bytes=np.zeros(3), n=2)
+    fig, (clipped, raw) = plt.subplots(1, 2)
+    A.plot_band(clipped, s.rounds, s, "m", "C0", (0.0, 100.0))
+    A.plot_band(raw, s.rounds, s, "m", "C0")
+    assert _bands(raw).max() == 105.0 and _bands(raw).min() == -4.0  # what it would be
+    assert _bands(clipped).max() == 100.0 and _bands(clipped).min() == 0.0
+
+
+def test_curves_and_traffic_figures(runs, figures):
+    curves = _script("curves")
+    table = A.group(A.load([str(runs)]))
+    row = table.rows[0]
+    curves.plot_setting(table, row, "out")
+    curves.plot_traffic(table, row, "out")
+    fig = figures["curves_Synthetic_MLP"]
+    for ax in fig.axes[:2]:  # the accuracy panels
+        assert ax.get_ylabel() in ("Test accuracy (%)", "")
+        ys = _bands(ax)
+        assert ys.size and ys.min() >= 0.0 and ys.max() <= 100.0
+    fig.canvas.draw()
+    labels = [t.get_text() for t in fig.axes[1].get_xticklabels() if t.get_text()]
+    assert labels and all(re.fullmatch(r"[0-9.]+ (B|KB|MB|GB)", t) for t in labels), labels
+    traffic = figures["traffic_Synthetic_MLP"]
+    assert [ax.get_xlabel().split(" (")[0].split("\n")[0] for ax in traffic.axes] == [
+        "Cumulative uplink", "Cumulative downlink", "Cumulative uplink + downlink"]
+    s = A.series(table.runs(row, "Top-k"), "test_acc", 100.0)
+    with h5py.File(runs / "topk_s0.h5") as f0, h5py.File(runs / "topk_s1.h5") as f1:
+        down = 0.5 * (np.cumsum(f0["rounds/downlink_payload_bytes"][()])
+                      + np.cumsum(f1["rounds/downlink_payload_bytes"][()]))
+    np.testing.assert_allclose(s.traffic["downlink"], down)
+    np.testing.assert_allclose(s.traffic["total"], s.traffic["uplink"] + down)
+    line = next(ln for ln in traffic.axes[1].get_lines() if ln.get_label() == "Top-k")
+    np.testing.assert_allclose(line.get_xdata(), down)
+
+
+def test_one_colour_per_method_in_every_figure(runs, figures):
+    """FedAvg's line in the curves, the "no SAM" bars and lines of the sharpness plots and
+    a method's colour whatever else a figure shows: always the same."""
+    assert A.colors(["Top-k"])["Top-k"] == A.colors(["FedAvg", "3SFC", "Top-k"])["Top-k"]
+    a = A.colors(["FedSAM+Top-k", "X"])
+    assert a["FedSAM+Top-k"] == A.colors(["FedSAM+Top-k"])["FedSAM+Top-k"]
+    assert len(set(A.colors(["FedAvg", "FedAvg (ef=true)", "3SFC"]).values())) == 3
+    curves, sharp = _script("curves"), _script("sharpness")
+    table = A.group(A.load([str(runs)]))
+    row = table.rows[0]
+    curves.plot_setting(table, row, "out")
+    sharp.plot_bars(table, row, "out")
+    fedavg = next(ln for ln in figures["curves_Synthetic_MLP"].axes[0].get_lines()
+                  if ln.get_label() == "FedAvg").get_color()
+    bars = figures["sharpness_Synthetic_MLP"].axes[0].containers
+    no_sam = next(b for b in bars if b.get_label() == "no SAM")
+    assert no_sam.patches[0].get_facecolor()[:3] == pytest.approx(
+        matplotlib_rgb(fedavg))
+
+
+def matplotlib_rgb(color) -> tuple[float, float, float]:
+    from matplotlib.colors import to_rgb
+
+    return to_rgb(color)
+
+
+def test_sharpness_axis_names_no_compressor_fedavg(runs, figures):
+    sharp = _script("sharpness")
+    table = A.group(A.load([str(runs)]))
+    sharp.plot_bars(table, table.rows[0], "out")
+    ax = figures["sharpness_Synthetic_MLP"].axes[0]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks == ["none (dense)", "Top-k"] and ax.get_xlabel() == "Uplink compressor"
+
+
+@pytest.mark.parametrize("mean, std, text", [
+    (3176.0, 0.0, "3.18 ± 0.00 KB"), (812.0, 3.2, "812 ± 3 B"),
+    (2_176_400.0, 51_000.0, "2.18 ± 0.05 MB"), (64_100.0, None, "64.1 KB"),
+    (641_000.0, 0.0, "641 ± 0 KB")])
+def test_byte_cells_use_adaptive_units(mean, std, text):
+    assert A.fmt_bytes_stat(mean, std) == text
+
+
+def test_table_of_bytes(runs, capsys):
+    table = _script("table")
+    assert table.main([str(runs), "--metric", "uplink"]) == 0
+    out = capsys.readouterr().out
+    with h5py.File(runs / "topk_s0.h5") as f:
+        up = float(np.sum(f["rounds/uplink_payload_bytes"][()]))
+    assert A.fmt_bytes_stat(up, 0.0) in out  # both seeds send the same bytes
+    row = next(ln for ln in out.splitlines() if ln.startswith("| Synthetic"))
+    means = [c.strip(" *").split(" ")[0] for c in row.split("|")[2:-1]]
+    assert all(float(m) >= 1 for m in means), row  # never "0.003 ± 0.000 MB"
+    assert table.main([str(runs), "--metric", "traffic", "--format", "latex"]) == 0
+    latex = capsys.readouterr().out
+    assert re.search(r"\$[0-9.]+ \\pm [0-9.]+\$ (B|KB|MB)", latex), latex

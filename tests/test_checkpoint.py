@@ -6,16 +6,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
-from fedmpi import checkpoint, config, launch
+from fedmpi import checkpoint, config, launch, train
 from fedmpi.metrics import open_run
+from fedmpi.progress import fmt_bytes
 
 from .conftest import REPO, SMALL, run_train
-from .test_reliability import run_faulty
+from .test_reliability import FAULTY, run_faulty
 
 #: state everywhere: EF residuals, per-client lr decay, partial participation (missed-round
 #: cache), a compressed downlink (replicas lag the server by the pending payload)
@@ -108,5 +111,142 @@ def test_config_differences_ignore_free_keys():
     a = config.load(None)
     b = config.load(None, ["run.rounds=99", "run.threads=4", "checkpoint.every=5"])
     assert checkpoint.differences(a, b) == []
-    c = config.load(None, ["client.lr=0.3"])
+    c = config.load(None, ["client.lr=0.3", "run.name=quickstart"])
     assert checkpoint.differences(a, c) == ["client.lr: 0.05 != 0.3"]
+
+
+# ---------------------------------------------------------------------------- Ctrl-C
+
+
+class Job:
+    """``fedmpi.train`` with an injected fault (tests/faulty.py) in the background, through
+    mpiexec or as one process; its stderr lines are collected as they come."""
+
+    def __init__(self, tmp_path, n: int, fault: str, args=(), mpi: bool = True):
+        cmd = [*launch.command(n, "fedmpi.train")[:-2], FAULTY, *SMALL, "--set",
+               f"run.out_dir={tmp_path}", "--set", "run.name=h", *args]
+        if not mpi:
+            cmd = cmd[cmd.index(sys.executable):]  # python -m mpi4py FILE: a singleton
+        env = launch.environment()
+        env["FEDMPI_TEST_FAULT"] = fault
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.err: list[str] = []
+        self.out = ""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.err.append(line)
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if any(text in line for line in self.err):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"never saw {text!r}; stderr:\n{''.join(self.err)}")
+
+    def finish(self, timeout: float = 120) -> tuple[int, str, str]:
+        try:
+            self.out = self.proc.stdout.read()
+            self.proc.wait(timeout=timeout)
+        finally:
+            self.proc.kill()
+        self._reader.join(timeout=10)
+        return self.proc.returncode, self.out, "".join(self.err)
+
+
+@pytest.mark.parametrize("mpi", [True, False], ids=["mpiexec-n2", "one-process"])
+def test_ctrl_c_checkpoints_at_the_round_boundary_and_resume_counts_everything(tmp_path, mpi):
+    """SIGINT (what Ctrl-C sends; mpiexec passes it on to every rank) while a client rank
+    is inside round 3 (it waits there for the signal): the round still ends, then the run
+    checkpoints and exits 75, and its summary says "stopped". Resumed, the summary counts
+    every round and byte of the run, read from the run file."""
+    job = Job(tmp_path, 2, "pause:1:2" if mpi else "pause:0:2", ["--set", "run.rounds=5"],
+              mpi=mpi)
+    job.wait_for("paused")
+    job.proc.send_signal(signal.SIGINT)
+    code, out, err = job.finish()
+    assert code == checkpoint.EXIT_REQUEUE, err
+    assert "SIGINT: the run checkpoints at the end of this round" in err
+    assert "Traceback" not in err
+    assert checkpoint.load(str(tmp_path / "h.ckpt"))["round"] == 3  # round 3 ended first
+    assert "stopped: h (SIGINT: checkpointed before round 4" in out
+    assert " 3 of 5 rounds in " in out
+    run = open_run(str(tmp_path / "h.h5"))
+    assert not run.complete and len(run) == 3 and "SIGINT" in run.attrs["stopped"]
+    proc = run_train(tmp_path, 1, [*SMALL, "--set", "run.rounds=5", "--resume"], name="h",
+                     quiet=False)
+    run = open_run(str(tmp_path / "h.h5"))
+    assert run.complete and len(run) == 5 and list(run.attrs["resumed_at_rounds"]) == [3]
+    done = proc.stdout.splitlines()[-1]
+    assert done.startswith("done: h: ") and " 5 rounds in " in done, done
+    assert f"uplink {fmt_bytes(run.rounds['uplink_payload_bytes'].sum())}," in done
+    assert f"({run.rounds['wall_time'][-1] / 5:.2f} s/round" in done
+
+
+@pytest.mark.parametrize("mpi", [True, False], ids=["mpiexec-n2", "one-process"])
+def test_second_ctrl_c_aborts_at_once(tmp_path, mpi):
+    """A rank holds round 3 open for 10 minutes: the first SIGINT cannot reach a round
+    boundary, the second ends the job (mpiexec aborts it; a single process dies of the
+    signal) long before, without a checkpoint."""
+    job = Job(tmp_path, 2, "hold:1:2" if mpi else "hold:0:2", ["--set", "run.rounds=5"],
+              mpi=mpi)
+    job.wait_for("holding")
+    job.proc.send_signal(signal.SIGINT)
+    job.wait_for("Ctrl-C again aborts at once")
+    job.proc.send_signal(signal.SIGINT)
+    code, out, err = job.finish(timeout=60)
+    assert code not in (0, checkpoint.EXIT_REQUEUE), (code, err)
+    if not mpi:
+        assert code == -signal.SIGINT and "SIGINT again: aborting now" in err
+    assert not (tmp_path / "h.ckpt").exists()
+    run = open_run(str(tmp_path / "h.h5"))
+    assert not run.complete and len(run) == 2
+
+
+def test_resume_with_rounds_but_no_checkpoint_is_refused(tmp_path):
+    """A run killed before its first checkpoint: --resume must not start it afresh
+    silently; --restart does, on purpose."""
+    proc, _ = run_faulty(tmp_path, 2, "kill:1:3")
+    assert proc.returncode != 0 and not (tmp_path / "f.ckpt").exists()
+    before = os.path.getmtime(tmp_path / "f.h5")
+    args = [*SMALL, "--set", "run.rounds=6"]
+    bad = run_train(tmp_path, 2, [*args, "--resume"], name="f", check=False)
+    assert bad.returncode == 2, bad.stderr
+    assert "has 3 round(s) but there is no checkpoint" in bad.stderr
+    assert "--restart" in bad.stderr
+    assert os.path.getmtime(tmp_path / "f.h5") == before
+    ok = run_train(tmp_path, 2, [*args, "--restart"], name="f")
+    assert "starting again from round 1" in ok.stdout
+    run = open_run(str(tmp_path / "f.h5"))
+    assert run.complete and len(run) == 6 and "resumed_at_rounds" not in run.attrs
+
+
+def test_checkpoints_by_wall_time(tmp_path, reference):
+    """checkpoint.every_seconds: with a tiny interval every round boundary is due, so a
+    run killed in round 6 resumes from the checkpoint taken at its top."""
+    assert STATEFUL[-2:] == ["--set", "checkpoint.every=2"]
+    args = [*STATEFUL[len(SMALL):-2], "--set", "checkpoint.every_seconds=1e-9"]
+    proc, _ = run_faulty(tmp_path, 3, "kill:1:5", args)
+    assert proc.returncode != 0
+    assert checkpoint.load(str(tmp_path / "f.ckpt"))["round"] == 5
+    run_train(tmp_path, 2, [*SMALL, *args, "--resume"], name="f")
+    resumed = open_run(str(tmp_path / "f.h5"))
+    assert resumed.complete and list(resumed.attrs["resumed_at_rounds"]) == [5]
+    assert_same(resumed, reference)
+
+
+@pytest.mark.parametrize("every, seconds, rnd, since, due", [
+    (0, 600.0, 5, 599.0, False), (0, 600.0, 5, 600.0, True),  # by wall time
+    (0, 0.0, 5, 1e9, False),  # both off: signals only
+    (2, 0.0, 4, 0.0, True), (2, 0.0, 5, 0.0, False),  # every N rounds
+    (2, 600.0, 3, 0.0, False), (2, 600.0, 3, 700.0, True),
+    (1, 1e-9, 7, 1.0, False),  # never at the round this process started at (7)
+])
+def test_checkpoint_due(every, seconds, rnd, since, due):
+    ck = config.CheckpointConfig(every=every, every_seconds=seconds)
+    assert train.checkpoint_due(ck, rnd, 7 if rnd == 7 else 0, since) is due

@@ -60,7 +60,7 @@ def check_missed_round_downloads(run, client_ranks: int) -> None:
     """STC up/down: each participant downloads every broadcast since it last took part
     (capped at the dense model); the broadcasts themselves are what MPI moved."""
     r, part = run.rounds, run.clients["participation"].astype(bool)
-    sizes = r["downlink_bytes"] / client_ranks
+    sizes = r["transport_downlink_bytes"] / client_ranks
     assert sizes[0] == 0 and (sizes[1:] > 0).all()
     dense = 4 * int(run.attrs["num_params"])
     assert (sizes[1:] < dense / 10).all()

@@ -99,3 +99,73 @@ def test_frozen():
     cfg = config.load(None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.client.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("text, valid", [
+    # every choice error lists the values that would be accepted
+    ("[data]\ndataset = 'mnist'\n", "client_dirichlet, dirichlet, dirichlet_balanced, "
+                                    "iid, shards"),
+    ("[data]\ndataset = 'imagenet'\n", "cifar10, cifar100, emnist, fmnist, mnist, synthetic"),
+    ("[data]\npartition = 'zipf'\n", "client_dirichlet, dirichlet, dirichlet_balanced, iid, "
+                                     "natural, shards"),
+    ("[model]\nname = 'resnet18'\n", "models that fit it: logreg, mlp"),
+    ("[model]\nname = 'gpt'\n", "known: convnet, lenet5, logreg, mlp, mnistnet"),
+    ("[compressor]\nname = 'zip'\n", "known: 3sfc, dgc,"),
+    ("[sam]\nname = 'bogus'\n", "known: fedlesam, fedsam, fedsynsam, mofedsam, none"),
+    ("[server]\naggregation = 'median'\n", "'mean', 'weighted', 'majority'"),
+    ("[run]\nmpi_wait = 'spin'\n", "'sleep', 'block'"),
+    ("[data]\nemnist_split = 'x'\n", "'byclass', 'bymerge', 'balanced', 'letters'"),
+    ("[client]\nexecution = 'x'\n", "'auto', 'sequential', 'batched'"),
+    ("[compressor]\nname = 'topk'\nvalue_dtype = 'fp8'\n", "'fp32', 'fp16'"),
+    ("[data]\naugment = true\n", "cifar10, cifar100"),
+])
+def test_choice_errors_list_the_valid_values(tmp_path, text, valid):
+    with pytest.raises(ConfigError) as err:
+        load_text(tmp_path, text)
+    assert valid in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("overrides, name", [
+    ((), "quickstart"),
+    (("client.lr=0.1",), "quickstart_lr-0.1"),
+    (("client.lr=0.05",), "quickstart"),  # the default value: the same run
+    (("client.lr=0.1", "client.lr=0.05"), "quickstart"),  # the last --set wins
+    (("run.threads=1", "run.rounds=5", "eval.every=2", "checkpoint.every=3",
+      "run.out_dir=x", "run.tensorboard=true"), "quickstart"),  # how, not what
+    (("server.lr=2.0", "client.lr=0.1"), "quickstart_server.lr-2.0_client.lr-0.1"),
+    (("compressor.name=topk", "compressor.ratio=0.01", "run.seed=3"),
+     "quickstart_compressor-topk_ratio-0.01_seed-3"),
+    (("data.partition='dirichlet'", "run.name=mine"), "mine"),  # an explicit name wins
+])
+def test_default_run_name_follows_the_overrides(overrides, name):
+    assert config.load(None, overrides).run.name == name
+
+
+def test_run_name_of_a_file_and_a_long_one(tmp_path):
+    assert load_text(tmp_path, "[client]\nlr = 0.2\n").run.name == "c"  # the file's name
+    named = load_text(tmp_path, "[run]\nname = 'exp'\n", ["client.lr=0.3"])
+    assert named.run.name == "exp_lr-0.3"
+    many = ["client.lr=0.1",
+            *(f"data.syn_{k}=0.{i}" for i, k in enumerate(("alpha", "beta", "test_frac"),
+                                                          start=1)),
+            "data.syn_dim=61", "data.syn_classes=9", "data.syn_min_samples=51",
+            "data.syn_max_samples=999", "client.momentum=0.5", "client.weight_decay=0.001"]
+    a = config.load(None, many).run.name
+    b = config.load(None, [*many, "client.grad_clip=1.0"]).run.name
+    assert len(a) <= config.MAX_RUN_NAME and len(b) <= config.MAX_RUN_NAME and a != b
+    assert a.startswith("quickstart_lr-0.1_syn_alpha-0.1")
+
+
+def test_config_cli(capsys):
+    assert config.main(["--set", "client.lr=0.2"]) == 0
+    out = capsys.readouterr().out
+    assert 'name = "quickstart_lr-0.2"' in out and "lr = 0.2" in out
+    assert config.loads(out).client.lr == 0.2
+    assert config.main(["--set", "data.dataset=mnist"]) == 2
+    assert "data.partition" in capsys.readouterr().err
+    assert config.main(["--keys"]) == 0
+    assert "client.lr = 0.05\n    local SGD learning rate" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        config.main(["--help"])
+    assert done.value.code == 0
+    assert "run name" in capsys.readouterr().out

@@ -333,7 +333,8 @@ def test_downlink_bytes_count_the_estimators_payloads(tmp_path):
         extra_payload = run.rounds["downlink_payload_bytes"] - base.rounds[
             "downlink_payload_bytes"]
         assert extra_payload.tolist() == (later * per_client * parts).tolist(), extra
-        extra_wire = run.rounds["downlink_bytes"] - base.rounds["downlink_bytes"]
+        extra_wire = (run.rounds["transport_downlink_bytes"]
+                      - base.rounds["transport_downlink_bytes"])
         assert extra_wire.tolist() == (later * per_client * 2).tolist(), extra
 
 

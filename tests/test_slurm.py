@@ -58,7 +58,7 @@ SNAP_OPTS = submit.Options(partition="gpu", time="2:00:00", nodes=1, ranks_per_n
                            gpus_per_node=2, cpus_per_task=2, max_parallel=2,
                            signal_before=300, python="/opt/venv/bin/python",
                            mpiexec="/opt/venv/bin/mpiexec", workdir="/scratch/fedmpi",
-                           fedmpi_root="/scratch/fedmpi")
+                           fedmpi_root="/scratch/fedmpi", commit="0123456789ab")
 
 
 def test_rendered_script_matches_snapshot():
@@ -168,7 +168,7 @@ def fake_slurm_env(tmp_path: Path, task: int = 0) -> dict[str, str]:
     return env
 
 
-def wait_rows(path: str, rows: int, proc=None, timeout: float = 120) -> None:
+def wait_rows(path: str, rows: int, proc=None, timeout: float = 300) -> None:
     """Until the run file at ``path`` has ``rows`` rows (read while it is written)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -231,6 +231,98 @@ def test_task_script_checkpoints_requeues_and_resumes(tmp_path):
                            cwd=tmp_path, timeout=120)
     assert again.returncode == 0 and "already complete" in again.stdout
     assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "77_1"]
+
+
+def copy_checkout(dest: Path) -> str:
+    """This checkout's files (tracked and untracked, not ignored) as a new git repository
+    at ``dest`` with one commit; returns that commit."""
+    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
+                            "--exclude-standard"], capture_output=True, text=True,
+                           check=True).stdout.split("\0")
+    for f in filter(None, files):
+        if (REPO / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dest / f)
+    git = ["git", "-C", str(dest), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], check=True)
+    return subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.slow
+def test_job_runs_the_checkout_that_submitted_it(tmp_path):
+    """submit.py of another checkout, called with this checkout first on PYTHONPATH (and an
+    installed fedmpi): the rendered job puts its own checkout first, and run by bash from
+    this checkout's folder with the same PYTHONPATH it still runs the submitting
+    checkout's code, whose commit the run file records and the task log shows."""
+    other = tmp_path / "other"
+    commit = copy_checkout(other)
+    sw_file = tmp_path / "s.toml"
+    sw_file.write_text(f"""
+[run]
+rounds = 2
+threads = 1
+out_dir = "{tmp_path / 'out'}"
+[data]
+num_clients = 6
+[client]
+local_steps = 3
+[model]
+hidden = 32
+[sweep]
+seeds = [0]
+""")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get(
+        "PYTHONPATH", ""))
+    dry = subprocess.run([sys.executable, str(other / "slurm" / "submit.py"), str(sw_file),
+                          "--dry-run", "--workdir", str(tmp_path)], capture_output=True,
+                         text=True, env=env, cwd=str(REPO))
+    assert dry.returncode == 0, dry.stderr
+    assert f"\nFEDMPI_ROOT={other}\n" in dry.stdout
+    assert f"\nSUBMITTED_COMMIT={commit}\n" in dry.stdout
+    assert f"Code: the fedmpi package in {other} (submitted at git {commit})" in dry.stdout
+    script = tmp_path / "job.sh"
+    script.write_text(dry.stdout)
+    sw = sweep.load(str(sw_file))
+    sweep.write_configs(sw)
+    (tmp_path / "out" / "logs").mkdir(parents=True)
+    task = subprocess.run(["bash", str(script)], env=fake_slurm_env(tmp_path, task=0),
+                          capture_output=True, text=True, cwd=str(REPO), timeout=300)
+    assert task.returncode == 0, task.stdout + task.stderr
+    assert f"fedmpi from {other} at git {commit} (submitted at {commit})" in task.stdout
+    run = open_run(sw.points[0].path)
+    assert run.complete and run.attrs["git_commit"] == commit
+    # a Python that cannot import fedmpi from the recorded checkout is not started
+    moved = tmp_path / "moved"
+    script.write_text(dry.stdout.replace(f"\nFEDMPI_ROOT={other}\n",
+                                         f"\nFEDMPI_ROOT={moved}\n"))
+    moved.mkdir()
+    bad = subprocess.run(["bash", str(script)], env=fake_slurm_env(tmp_path, task=0),
+                         capture_output=True, text=True, cwd=str(REPO), timeout=120)
+    assert bad.returncode == 2 and f"not from {moved}; not started" in bad.stdout
+
+
+def test_local_cluster_status_and_down_when_down(tmp_path):
+    """Without a running cluster (and without SLURM installed): `status` says so and
+    exits 1; `down` removes the slurm.conf link that `up` made, and only that one."""
+    env = dict(os.environ, SLURM_DIR=str(tmp_path / "d"),
+               SLURM_ETC_CONF=str(tmp_path / "etc" / "slurm.conf"))
+    status = subprocess.run([str(CLUSTER), "status"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert status.returncode == 1
+    assert status.stdout.startswith(f"local SLURM cluster down ({tmp_path / 'd'}")
+    link = tmp_path / "etc" / "slurm.conf"
+    link.parent.mkdir()
+    link.symlink_to(tmp_path / "d" / "slurm.conf")  # what `up` made; dangling once down
+    down = subprocess.run([str(CLUSTER), "down"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert down.returncode == 0 and "down" in down.stdout
+    assert not link.is_symlink()
+    link.symlink_to(tmp_path / "someone-elses.conf")  # not ours: left alone
+    subprocess.run([str(CLUSTER), "down"], env=env, capture_output=True, timeout=60)
+    assert link.is_symlink()
 
 
 # ---------------------------------------------------------------------------- real SLURM

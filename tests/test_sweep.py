@@ -4,8 +4,11 @@ the --list / --local / --dry-run CLI, and the sweeps shipped in jobs/."""
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +232,8 @@ def test_list_and_dry_run(tmp_path, capsys):
     assert len(cmds) == 3  # the complete run is skipped
     assert "skip method-fedavg_seed-1: complete" in out_text
     assert all(" -n 2 " in c and c.endswith("--resume --quiet") for c in cmds)
+    code, out_text, _ = main_cli(capsys, f, "--local", "--dry-run", "--restart")
+    assert code == 0 and "--restart --quiet" in out_text
     assert cmds[0].split()[-3] == str(out / "configs" / "method-fedavg_seed-0.toml")
     assert not (out / "configs").exists()  # a dry run writes nothing
 
@@ -253,11 +258,21 @@ def test_local_runs_pending_and_skips_complete(tmp_path):
     sw = sweep.load(str(f))
     fedavg, topk = sw.points
     _fake_run(topk, complete=True, rows=0)  # a complete run must be left alone
-    _fake_run(fedavg, complete=False, rows=1)  # a partial one is run again
+    _fake_run(fedavg, complete=False, rows=1)  # a partial one without a checkpoint ...
     proc = run_cli(f, "--local", "-n", "1")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # ... is not restarted silently
     assert "skip method-topk_seed-0: complete" in proc.stdout
-    assert f"done {fedavg.name}" in proc.stdout
+    assert f"[1/1] FAIL {fedavg.name}: exit 2" in proc.stdout
+    assert "has 1 round(s) but there is no checkpoint" in proc.stdout  # the job's message
+    assert len(open_run(fedavg.path)) == 1
+    proc = run_cli(f, "--local", "-n", "1", "--restart")  # ... unless asked to
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert re.search(rf"^\[1/1\] run  {fedavg.name} \(1/3 rounds on disk; sweep \S+, "
+                     r"ETA \?\)$", "\n".join(lines), re.M), proc.stdout
+    # the job's own round lines, prefixed with the run's place in the sweep
+    assert sum(line.startswith("[1/1] round ") and "ETA" in line for line in lines) == 3
+    assert f"[1/1] done {fedavg.name}" in proc.stdout
     run = open_run(fedavg.path)
     assert run.complete and len(run) == 3
     assert list(run.rounds["round"]) == [0, 1, 2]
@@ -266,6 +281,61 @@ def test_local_runs_pending_and_skips_complete(tmp_path):
     assert config.load(fedavg.config_path) == fedavg.config
     proc = run_cli(f, "--local")  # everything complete: nothing runs
     assert proc.returncode == 0 and "0 to run" in proc.stdout
+
+
+@pytest.mark.slow
+def test_local_sweep_ctrl_c_checkpoints_the_job_and_stops(tmp_path):
+    """SIGINT to a real --local sweep (a terminal's Ctrl-C reaches only the driver: the
+    job runs in its own process group): the driver passes it on, the job checkpoints at
+    its round boundary and exits 75, the sweep stops cleanly (no traceback, no next run)
+    with exit 75; the same command later continues from the checkpoint."""
+    out = tmp_path / "out"
+    f = write_sweep(tmp_path / "s.toml", out, seeds="[0]")
+    f.write_text(f.read_text().replace("rounds = 3", "rounds = 100000"))
+    first, second = sweep.load(str(f)).points
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    log = tmp_path / "sweep.out"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "fedmpi.sweep", str(f), "--local"],
+                                stdout=fh, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    if len(open_run(first.path)) >= 2:
+                        break
+                except (OSError, KeyError):
+                    pass
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    text = log.read_text()
+    assert proc.returncode == sweep.EXIT_INTERRUPTED, text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    assert f"sweep s: SIGINT: {first.name} stopped with exit 75" in text
+    assert "(checkpointed)" in text and "rerun the same command to continue" in text
+    assert "[1/2] round    1/100000" in text
+    saved = checkpoint_round(first)
+    assert not open_run(first.path).complete and len(open_run(first.path)) == saved >= 2
+    assert not os.path.exists(second.path)  # the sweep stopped after the interrupted run
+    # continue (with a shorter run.rounds: a free key) and finish both runs
+    f.write_text(f.read_text().replace("rounds = 100000", f"rounds = {saved + 1}"))
+    proc = run_cli(f, "--local", "--quiet")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    done = open_run(first.path)
+    assert done.complete and list(done.attrs["resumed_at_rounds"]) == [saved]
+    assert open_run(second.path).complete
+
+
+def checkpoint_round(point) -> int:
+    from fedmpi import checkpoint
+
+    return int(checkpoint.load(os.path.join(point.config.run.out_dir,
+                                            f"{point.name}.ckpt"))["round"])
 
 
 SHIPPED = {"3sfc_table2.toml": 5 * 9 * 3 * 3, "3sfc_table2_standard.toml": 5 * 9 * 3 * 3,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
 from fedmpi import config, launch
 from fedmpi.metrics import CLIENT_METRICS, ROUND_METRICS, open_run
+from fedmpi.progress import fmt_bytes
 
 from .conftest import REPO, SMALL, mnist_root, run_and_open, run_train
 
@@ -37,7 +41,7 @@ def test_measured_bytes_equal_payload_bytes(runs):
         assert np.array_equal(r["uplink_bytes"], run.clients["uplink_bytes"].sum(axis=1))
         assert (run.clients["uplink_bytes"] == 4 * d).all()  # identity: 4 d per client
         client_ranks = 1 if n == 1 else n - 1
-        assert (r["downlink_bytes"] == 4 * d * client_ranks).all()
+        assert (r["transport_downlink_bytes"] == 4 * d * client_ranks).all()
         assert (r["downlink_payload_bytes"] == 4 * d * 6).all()  # 6 participating clients
         assert np.allclose(r["compression_ratio_up"], 1.0)
 
@@ -66,7 +70,8 @@ def test_server_trains_uses_rank_0_and_changes_nothing(tmp_path, runs):
     assert set(owners) == {0, 1} and all(owners.values())
     for metric in ("test_acc", "test_loss", "train_loss"):
         assert np.array_equal(run.rounds[metric], runs[1].rounds[metric]), metric
-    assert (run.rounds["downlink_bytes"] == 2 * 4 * run.attrs["num_params"]).all()
+    assert (run.rounds["transport_downlink_bytes"] == 2 * 4 * run.attrs["num_params"]
+            ).all()
 
 
 def test_one_client_per_rank(tmp_path):
@@ -136,16 +141,89 @@ def test_file_is_readable_while_the_run_goes(tmp_path):
 
 
 def test_default_job_prints_rounds_and_summary(tmp_path):
-    """``python -m fedmpi.train`` (the embedded quickstart, here shortened)."""
+    """``python -m fedmpi.train`` (the embedded quickstart, here shortened): one plain line
+    per round with elapsed time and ETA (stdout is a pipe: no carriage returns, no
+    cutting), the summary with every phase, sharpness included."""
     proc = subprocess.run(
         launch.command(1, "fedmpi.train", ["--set", "run.rounds=4", "--set",
                                            f"run.out_dir={tmp_path}"]),
         capture_output=True, text=True, timeout=300, cwd=str(REPO), env=launch.environment())
     assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stdout
     lines = proc.stdout.splitlines()
-    assert sum(line.startswith("round ") for line in lines) == 4
+    rounds = [line for line in lines if line.startswith("round ")]
+    assert len(rounds) == 4
+    assert all(re.search(r"  \[[0-9.]+s, ETA [0-9.]+s\]$", line) for line in rounds), rounds
+    assert rounds[-1].endswith("ETA 0.0s]")
     assert lines[-1].startswith("done: quickstart: final acc")
+    assert "sharpness 0.0s" in lines[-1] and "eval " in lines[-1]
     assert open_run(str(tmp_path / "quickstart.h5")).complete
+
+
+def printed_bytes(tmp_path, n: int) -> tuple[list[str], str, object]:
+    """The "down" figure of every round line and the done line's up/downlink, at -n n."""
+    name = f"p{n}"
+    proc = run_train(tmp_path, n, SMALL, name=name, quiet=False)
+    lines = proc.stdout.splitlines()
+    downs = [re.search(r"  down (\S+ \S+)  ", line).group(1) for line in lines
+             if line.startswith("round ")]
+    done = re.search(r"uplink \S+ \S+, downlink \S+ \S+,", lines[-1]).group(0)
+    return downs, done, open_run(str(tmp_path / f"{name}.h5"))
+
+
+def test_printed_bytes_are_the_jobs_not_the_layout(tmp_path):
+    """The same 6-client job at -n 1 and -n 3 (1 and 2 client ranks): the transport
+    broadcasts to 1 or 2 ranks, but what is printed is what the 6 participants download,
+    the same on both, and equal to the run file's downlink_payload_bytes."""
+    one, three = printed_bytes(tmp_path, 1), printed_bytes(tmp_path, 3)
+    assert one[:2] == three[:2]
+    run = one[2]
+    assert one[0] == [fmt_bytes(b) for b in run.rounds["downlink_payload_bytes"]]
+    assert one[1] == (f"uplink {fmt_bytes(run.rounds['uplink_payload_bytes'].sum())}, "
+                      f"downlink {fmt_bytes(run.rounds['downlink_payload_bytes'].sum())},")
+    # the transport counters differ with the layout: they stay in the file, not on screen
+    assert (three[2].rounds["transport_downlink_bytes"]
+            == 2 * one[2].rounds["transport_downlink_bytes"]).all()
+    for n, r in ((1, one[2]), (3, three[2])):
+        summary = subprocess.run([sys.executable, str(REPO / "analysis" / "summary.py"),
+                                  r.path], capture_output=True, text=True, cwd=str(REPO))
+        assert summary.returncode == 0, summary.stderr
+        line = next(x for x in summary.stdout.splitlines() if x.startswith("bytes"))
+        total = r.rounds["downlink_payload_bytes"].sum()
+        assert f"downlink {fmt_bytes(total)}" in line and "metadata" not in line, (n, line)
+
+
+def test_legacy_transport_names_are_read(tmp_path):
+    """Run files written before the transport counters were renamed read the same."""
+    run_train(tmp_path, 1, SMALL, name="old")
+    path = str(tmp_path / "old.h5")
+    with h5py.File(path, "r+") as f:
+        f.move("rounds/transport_downlink_bytes", "rounds/downlink_bytes")
+        f.move("rounds/transport_meta_bytes", "rounds/meta_bytes")
+    run = open_run(path)
+    assert "downlink_bytes" not in run.rounds
+    assert (run.rounds["transport_downlink_bytes"] == 4 * run.attrs["num_params"]).all()
+    assert (run.rounds["transport_meta_bytes"] == 0).all()  # one rank: nothing moved
+
+
+HELP_COMMANDS = {
+    "train": ["-m", "fedmpi.train"], "config": ["-m", "fedmpi.config"],
+    "sweep": ["-m", "fedmpi.sweep"],
+    **{s: [str(REPO / "analysis" / f"{s}.py")]
+       for s in ("table", "curves", "efficiency", "sharpness", "summary")},
+    "submit": [str(REPO / "slurm" / "submit.py")],
+}
+
+
+@pytest.mark.parametrize("name", sorted(HELP_COMMANDS))
+def test_help_is_plain_text(name):
+    """Every command's --help exits 0 and shows text, not reStructuredText markup."""
+    proc = subprocess.run([sys.executable, *HELP_COMMANDS[name], "--help"],
+                          capture_output=True, text=True, cwd=str(REPO), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: ") and len(proc.stdout.splitlines()) > 5
+    for markup in ("``", ":mod:", ":func:", ":data:", ":class:"):
+        assert markup not in proc.stdout, (name, markup, proc.stdout)
 
 
 @pytest.mark.skipif(mnist_root() is None, reason="real MNIST files not present")

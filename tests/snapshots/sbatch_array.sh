@@ -8,8 +8,9 @@
 # passes it on to the ranks: the run writes a checkpoint, stops with status 75, and the
 # task requeues itself; on preemption or scancel (SIGTERM) the run checkpoints and stops,
 # and SLURM requeues preempted tasks (--requeue). Every start passes --resume: the run
-# continues from its checkpoint (<out_dir>/<run>.ckpt), starts afresh without one, and a
-# complete run is not started at all.
+# continues from its checkpoint (<out_dir>/<run>.ckpt) or starts without a run file; a
+# run with rounds but no checkpoint is refused (exit 2), a complete one is not started.
+# Code: the fedmpi package in /scratch/fedmpi (submitted at git 0123456789ab).
 #SBATCH --job-name=snap
 #SBATCH --array=0-3%2
 #SBATCH --nodes=1
@@ -39,9 +40,22 @@ RUN_LOG=/scratch/fedmpi/runs/snap/logs/$RUN.log
 MAX_REQUEUES=20
 TASK=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
 RESTARTS=${SLURM_RESTART_COUNT:-0}
+FEDMPI_ROOT=/scratch/fedmpi
+SUBMITTED_COMMIT=0123456789ab
 export PYTHONUNBUFFERED=1
-export PYTHONPATH=/scratch/fedmpi${PYTHONPATH:+:$PYTHONPATH}  # the fedmpi submit.py checked with
+# the fedmpi of the checkout that submitted this job, before any installed one; and no
+# implicit sys.path entry for the working folder (Python >= 3.11), which could hold another
+export PYTHONPATH=$FEDMPI_ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONSAFEPATH=1
 log() { echo "[$(date '+%F %T')] task $TASK ($RUN): $*"; }
+# shellcheck disable=SC2016
+CODE=$("$PYTHON" -c 'import os, fedmpi, fedmpi.metrics as m
+print(os.path.dirname(os.path.dirname(os.path.realpath(fedmpi.__file__))), m.git_commit())')
+if [ "${CODE%% *}" != "$(cd "$FEDMPI_ROOT" 2>/dev/null && pwd -P)" ]; then
+  log "error: $PYTHON imports fedmpi from ${CODE%% *}, not from $FEDMPI_ROOT; not started"
+  exit 2
+fi
+log "fedmpi from $FEDMPI_ROOT at git ${CODE#* } (submitted at $SUBMITTED_COMMIT)"
 complete() {
   [ -e "$H5" ] && "$PYTHON" -c 'import sys; from fedmpi.metrics import open_run
 sys.exit(0 if open_run(sys.argv[1]).complete else 1)' "$H5" 2>/dev/null
