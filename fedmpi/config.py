@@ -204,6 +204,12 @@ class SamConfig:
     #: before an estimator has history (fedlesam: a client's first round; fedsynsam: no
     #: synthetic set yet): "sgd" = no ascent (the FedLESAM code), "local" = FedSAM's ascent
     round0: Literal["sgd", "local"] = "sgd"
+    #: fedlesam: where its direction w^{t'} - w^t comes from: server = the server broadcasts
+    #: the previous round's global update to every sampled client, t' = t - 1 (the official
+    #: code; 4 d B per participant, or the compressed downlink's own payload with
+    #: compressor.downlink = same); client = the global model the client received in its
+    #: previous active round (the paper's formula; 0 B, stale under partial participation)
+    lesam_source: Literal["server", "client"] = "server"
     alpha: float = 0.1  #: mofedsam: descent = alpha grad(w + eps) + (1 - alpha) Delta_g
     #: fedsynsam: re-evaluate grad l(w; S) at every local iterate, or once per round at w^t
     perturb_mode: Literal["per_step", "fixed"] = "per_step"

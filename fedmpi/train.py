@@ -258,8 +258,11 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         record = np.zeros(2 + max_slots * SLOT, dtype=np.float64)
         send = np.zeros(0, dtype=np.uint8)
         if group is not None:
+            prior = group.global_params.clone() if estimator.wants_global_step else None
             down_link.client_apply(down_link.parse(down, rnd), group.global_params, rnd,
                                    group.model)
+            if prior is not None:  # w^t - w^{t-1} as the replica received it
+                estimator.client_global_step(group.global_params - prior, rnd)
             estimator.client_receive(estimator.parse(extra, rnd), rnd)
             group.time_train = group.time_encode = 0.0
             if pool is not None:
