@@ -252,11 +252,18 @@ class EvalConfig:
     batch_size: int = 2048  #: evaluation batch size (also the sharpness batches)
     #: training samples of the fixed, seeded subset sharpness is measured on
     sharpness_samples: int = 2048
+    #: seed of the fixed training subsets (sharpness, perturbation): not run.seed, so runs
+    #: with the same training split measure on the same samples whatever their seed
+    subset_seed: int = 0
     sharpness_iters: int = 100  #: power iteration: most Hessian-vector products per eigenvalue
     sharpness_tol: float = 1e-3  #: power iteration stops when |d lambda| / |lambda| <= this
     sharpness_topk: int = 1  #: top Hessian eigenvalues by deflation (1..5)
     sharpness_trace_samples: int = 100  #: Hutchinson: most Rademacher probes
-    sharpness_trace_tol: float = 1e-3  #: Hutchinson stops when the mean moves less (relative)
+    #: Hutchinson stops when (pyhessian) the mean moves less than this (relative), or
+    #: (stderr) its standard error is below this x |mean| (after >= 10 probes)
+    sharpness_trace_tol: float = 1e-3
+    #: Hutchinson's stopping rule: pyhessian (PyHessian's) or stderr (on its own error)
+    sharpness_trace_rule: Literal["pyhessian", "stderr"] = "pyhessian"
     #: SAM sharpness L(w + rho g/||g||) - L(w) for each rho (1..4 values)
     sharpness_rho: tuple[float, ...] = (0.01, 0.05, 0.1)
 
@@ -265,6 +272,7 @@ class EvalConfig:
         _require(self.sharpness_every >= 0, "eval.sharpness_every", "must be >= 0")
         _positive(self, "eval", "batch_size")
         _positive(self, "eval", "sharpness_samples")
+        _require(self.subset_seed >= 0, "eval.subset_seed", "must be >= 0")
         _positive(self, "eval", "sharpness_iters")
         _positive(self, "eval", "sharpness_tol")
         _require(1 <= self.sharpness_topk <= 5, "eval.sharpness_topk",

@@ -56,6 +56,9 @@ ROUND_METRICS: dict[str, str] = {
     "sharpness_eig5": "f8", "sharpness_trace_stderr": "f8", "sharpness_loss": "f8",
     "sharpness_sam2": "f8", "sharpness_sam3": "f8", "sharpness_sam4": "f8",
     "time_sharpness": "f8",
+    # the sharpness estimates' own errors: lambda_1's residual ||H v - lambda v|| and
+    # Hessian-vector products, the Hutchinson probes behind the trace
+    "sharpness_lmax_resid": "f8", "sharpness_lmax_iters": "i8", "sharpness_trace_probes": "i8",
 }
 
 #: per-round, per-client values: name -> dtype

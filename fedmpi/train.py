@@ -194,7 +194,8 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         counts = data.class_counts(loaded.train.y, parts, info.num_classes)
         if cfg.eval.sharpness_every:  # a fixed, seeded training subset for sharpness
             sharp = sharpness.fixed_subset(loaded.train.x, loaded.train.y,
-                                           cfg.eval.sharpness_samples, cfg.run.seed, device)
+                                           cfg.eval.sharpness_samples, cfg.eval.subset_seed,
+                                           device)
         del loaded  # rank 0 keeps only the test split (and its own shards, if any)
         if first:
             writer = metrics.RunWriter.resume(path, first, cfg, t.size, cfg.run.hdf5_swmr)
