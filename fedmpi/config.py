@@ -252,6 +252,12 @@ class EvalConfig:
     batch_size: int = 2048  #: evaluation batch size (also the sharpness batches)
     #: training samples of the fixed, seeded subset sharpness is measured on
     sharpness_samples: int = 2048
+    #: perturbation accuracy (fedmpi.perturbation) every N rounds and at the last (0 =
+    #: never): each participant's cos(ascent at its first step, true global gradient)
+    perturbation_every: int = 0
+    #: samples of the fixed, seeded subset of the clients' training union the true global
+    #: gradient is computed on (full batch)
+    perturbation_samples: int = 2048
     #: seed of the fixed training subsets (sharpness, perturbation): not run.seed, so runs
     #: with the same training split measure on the same samples whatever their seed
     subset_seed: int = 0
@@ -273,6 +279,8 @@ class EvalConfig:
         _positive(self, "eval", "batch_size")
         _positive(self, "eval", "sharpness_samples")
         _require(self.subset_seed >= 0, "eval.subset_seed", "must be >= 0")
+        _require(self.perturbation_every >= 0, "eval.perturbation_every", "must be >= 0")
+        _positive(self, "eval", "perturbation_samples")
         _positive(self, "eval", "sharpness_iters")
         _positive(self, "eval", "sharpness_tol")
         _require(1 <= self.sharpness_topk <= 5, "eval.sharpness_topk",

@@ -145,6 +145,16 @@ class Estimator:
     def client_receive(self, payload: Payload, round_: int) -> None:
         return None
 
+    # measurement (fedmpi.perturbation) ------------------------------------------
+    def server_fit_cosine(self) -> float:
+        """How well the server-built direction matches what it was fitted to, for the one
+        the next round's clients get (FedSynSAM's S); NaN where there is none."""
+        return float("nan")
+
+    def client_fit_cosine(self) -> float:
+        """The same for a direction the current client fitted itself; NaN if none."""
+        return float("nan")
+
     def begin_client(self, client: int, state: Any, global_params: torch.Tensor,
                      round_: int, lr: float = 0.0, steps: int = 0) -> None:
         """Client ``client`` starts training from ``global_params`` = w^t; ``state`` is its
@@ -290,8 +300,10 @@ class _Cache(dict):
 class Synthetic:
     """A synthetic set S = (X, Y) and its sign sigma, on the rank's device."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, sigma: float):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, sigma: float,
+                 cos: float = float("nan")):
         self.x, self.y, self.sigma = x, y, sigma
+        self.cos = cos  #: cos(sigma grad l(w; S), target) of the fit (not sent)
 
     def fields(self) -> dict[str, np.ndarray]:
         return {"x": self.x.detach().to(torch.float32).cpu().numpy().reshape(-1).copy(),
@@ -321,6 +333,7 @@ class FedSynSAM(Estimator):
         self._set: Synthetic | None = None
         self._pending: tuple[Any, torch.Tensor, torch.Tensor, int, int] | None = None
         self._eps: torch.Tensor | None = None
+        self._fit_cos = float("nan")  # of the current client's own fit (client site)
 
     @property
     def payload_bytes(self) -> int:
@@ -371,8 +384,11 @@ class FedSynSAM(Estimator):
             z, _ = synth.optimise(total, pack.pack(x0[None], y0[None]), self.options)
             x, y = (t[0].contiguous() for t in pack.unpack(z))
         w, d = segments[-1]
-        cos = float(torch.dot(direction(w, x, y), d))
-        return Synthetic(x.detach(), y.detach(), -1.0 if cos < 0 else 1.0)
+        g = direction(w, x, y)
+        dot = float(torch.dot(g, d))
+        den = float(g.norm()) * float(d.norm())
+        return Synthetic(x.detach(), y.detach(), -1.0 if dot < 0 else 1.0,
+                         abs(dot) / den if den > 0 else float("nan"))
 
     # server -----------------------------------------------------------------
     def server_round_end(self, before, after, round_, model):
@@ -388,6 +404,12 @@ class FedSynSAM(Estimator):
         if self._srv_set is None:
             return Payload({})
         return Payload(self._srv_set.fields())
+
+    def server_fit_cosine(self):
+        return getattr(self._srv_set, "cos", float("nan"))
+
+    def client_fit_cosine(self):
+        return self._fit_cos
 
     # client rank ------------------------------------------------------------
     def parse(self, buf, round_):
@@ -409,6 +431,7 @@ class FedSynSAM(Estimator):
     def begin_client(self, client, state, global_params, round_, lr=0.0, steps=0):
         self._eps = None
         self._pending = None
+        self._fit_cos = float("nan")
         if self.cfg.sam.synth_site == "server":
             self._set = self._received
             return
@@ -426,6 +449,7 @@ class FedSynSAM(Estimator):
                                  self._start(state.extra.get("synth"), round_, client))
             if self._set is not None:
                 state.extra["synth"] = self._set
+                self._fit_cos = self._set.cos
         if self._set is None:
             return self.no_history(model, xb, yb)
         if self._eps is not None:  # perturb_mode = fixed: computed at w^t, step 0

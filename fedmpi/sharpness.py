@@ -235,11 +235,15 @@ class Subset:
 
 
 def fixed_subset(x: np.ndarray, y: np.ndarray, size: int, seed: int,
-                 device: torch.device | str = "cpu") -> Subset:
-    """``size`` training samples drawn once from ``[seed, TAG_SHARPNESS_DATA]`` (sorted)."""
-    n = len(y)
+                 device: torch.device | str = "cpu", among: np.ndarray | None = None
+                 ) -> Subset:
+    """``size`` training samples drawn once from ``[seed, TAG_SHARPNESS_DATA]`` (sorted),
+    among the rows ``among`` (sorted, distinct; default: every row)."""
+    n = len(y) if among is None else len(among)
     rng = np.random.default_rng([seed, TAG_SHARPNESS_DATA])
     idx = np.sort(rng.choice(n, size=min(size, n), replace=False))
+    if among is not None:
+        idx = among[idx]
     return Subset(torch.from_numpy(np.ascontiguousarray(x[idx])).to(device),
                   torch.from_numpy(np.ascontiguousarray(y[idx])).to(device))
 

@@ -243,6 +243,8 @@ def test_fedsynsam_server_fits_the_segment_and_ships_it_exactly():
     # LBFGS without line search (the official fit) is chaotic: across starts and
     # evaluation modes the best cosine lands in 0.97-0.995 on this realizable target
     assert cosine(s.sigma * g, target) > 0.95
+    assert s.cos == pytest.approx(cosine(s.sigma * g, target), abs=1e-6)
+    assert est.server_fit_cosine() == s.cos  # what fedmpi.train records per round
     payload = est.server_payload(1)
     d_in = math.prod(spec.input_shape)
     assert payload.nbytes == est.payload_bytes == 4 * 4 * (d_in + spec.num_classes) + 1
@@ -439,15 +441,19 @@ def test_fedsynsam_killed_run_resumes_identically_on_another_rank_count(tmp_path
     each client's last global model and S in its ClientState (client site, moved from
     one owning rank to another)."""
     args = [*RUN[len(SMALL):], "--set", "sam.name=fedsynsam", "--set", "sam.rho=0.1",
-            "--set", "checkpoint.every=2", *[a for x in extra for a in ("--set", x)]]
+            "--set", "checkpoint.every=2", "--set", "eval.perturbation_every=1",
+            *[a for x in extra for a in ("--set", x)]]
     ref = run_and_open(tmp_path, 3, [*SMALL, "--set", "run.rounds=6", *args], name="ref")
     proc, _ = run_faulty(tmp_path, 3, "kill:1:5", args)
     assert proc.returncode != 0
     run_train(tmp_path, 2, [*SMALL, "--set", "run.rounds=6", *args, "--resume"], name="f")
     resumed = open_run(str(tmp_path / "f.h5"))
     assert list(resumed.attrs["resumed_at_rounds"]) == [4]
-    for k in (*LEARNING, "downlink_payload_bytes"):
+    for k in (*LEARNING, "downlink_payload_bytes", "perturb_cos", "perturb_cos_update",
+              "synth_fit_cos"):  # the measurement's w^{t-1} survives the checkpoint too
         assert np.array_equal(resumed.rounds[k], ref.rounds[k], equal_nan=True), k
+    assert np.isfinite(ref.rounds["synth_fit_cos"][1:]).any()
+    assert np.isfinite(ref.rounds["perturb_cos_update"][1:]).all()
 
 
 # ---------------------------------------------------------------------------- the claim
