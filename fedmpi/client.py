@@ -118,6 +118,7 @@ class ClientGroup:
         self.time_train = 0.0
         self.time_encode = 0.0
         self.pool = None  # a fedmpi.fitpool.FitPool when this rank's fits are pooled
+        self.probe = None  # a fedmpi.perturbation.Probe in rounds that measure the ascent
 
     @property
     def clients(self) -> list[int]:
@@ -148,6 +149,8 @@ class ClientGroup:
                 loss_sum += model.sgd_step(xb, yb, lr)
                 continue
             eps = est.perturbation(model, xb, yb, k)
+            if k == 0 and self.probe is not None:  # the ascent at w^t vs the true one
+                self.probe.record(cid, eps, est)
             if eps is not None:
                 params.add_(eps)  # the gradient is taken at the perturbed point w + eps
             loss_sum += model.loss_grad(xb, yb)  # client.backprop: autograd or by hand
@@ -242,11 +245,14 @@ class ClientGroup:
         for start, stop in equal_chunks(len(mine), chunk):
             cids = mine[start:stop]
             t0 = time.perf_counter()
+            probed = self.probe.seconds if self.probe is not None else 0.0
             if execution == "batched":
                 trained = self.train_batched(cids, round_)
             else:
                 trained = [self.local_train(cid, round_) for cid in cids]
             t1 = time.perf_counter()
+            if self.probe is not None:  # measuring is evaluation, not training
+                t0 += self.probe.seconds - probed
             ctxs = [Context(round=round_, client=cid, seed=self.cfg.run.seed, spec=self.spec,
                             global_params=self.global_params, model=self.model)
                     for cid in cids]

@@ -213,6 +213,11 @@ class Transport:
         self._timed(lambda: self._bcast(buf))
         self.counters.downlink += buf.nbytes * len(self.client_ranks)
 
+    def bcast_plumbing(self, buf: np.ndarray) -> None:
+        """Broadcast a contiguous array in place that is simulator plumbing, not federated
+        traffic (the true gradient of :mod:`fedmpi.perturbation`): never counted."""
+        self._timed(lambda: self._bcast(buf.reshape(-1).view(np.uint8)))
+
     def _bcast(self, buf: np.ndarray) -> None:
         if self.size == 1:
             return

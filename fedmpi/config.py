@@ -232,6 +232,12 @@ class SamConfig:
     #: before an estimator has history (fedlesam: a client's first round; fedsynsam: no
     #: synthetic set yet): "sgd" = no ascent (the FedLESAM code), "local" = FedSAM's ascent
     round0: Literal["sgd", "local"] = "sgd"
+    #: fedlesam: where its direction w^{t'} - w^t comes from: server = the server broadcasts
+    #: the previous round's global update to every sampled client, t' = t - 1 (the official
+    #: code; 4 d B per participant, or the compressed downlink's own payload with
+    #: compressor.downlink = same); client = the global model the client received in its
+    #: previous active round (the paper's formula; 0 B, stale under partial participation)
+    lesam_source: Literal["server", "client"] = "server"
     alpha: float = 0.1  #: mofedsam: descent = alpha grad(w + eps) + (1 - alpha) Delta_g
     #: fedsynsam: re-evaluate grad l(w; S) at every local iterate, or once per round at w^t
     perturb_mode: Literal["per_step", "fixed"] = "per_step"
@@ -274,11 +280,24 @@ class EvalConfig:
     batch_size: int = 2048  #: evaluation batch size (also the sharpness batches)
     #: training samples of the fixed, seeded subset sharpness is measured on
     sharpness_samples: int = 2048
+    #: perturbation accuracy (fedmpi.perturbation) every N rounds and at the last (0 =
+    #: never): each participant's cos(ascent at its first step, true global gradient)
+    perturbation_every: int = 0
+    #: samples of the fixed, seeded subset of the clients' training union the true global
+    #: gradient is computed on (full batch)
+    perturbation_samples: int = 2048
+    #: seed of the fixed training subsets (sharpness, perturbation): not run.seed, so runs
+    #: with the same training split measure on the same samples whatever their seed
+    subset_seed: int = 0
     sharpness_iters: int = 100  #: power iteration: most Hessian-vector products per eigenvalue
     sharpness_tol: float = 1e-3  #: power iteration stops when |d lambda| / |lambda| <= this
     sharpness_topk: int = 1  #: top Hessian eigenvalues by deflation (1..5)
     sharpness_trace_samples: int = 100  #: Hutchinson: most Rademacher probes
-    sharpness_trace_tol: float = 1e-3  #: Hutchinson stops when the mean moves less (relative)
+    #: Hutchinson stops when (pyhessian) the mean moves less than this (relative), or
+    #: (stderr) its standard error is below this x |mean| (after >= 10 probes)
+    sharpness_trace_tol: float = 1e-3
+    #: Hutchinson's stopping rule: pyhessian (PyHessian's) or stderr (on its own error)
+    sharpness_trace_rule: Literal["pyhessian", "stderr"] = "pyhessian"
     #: SAM sharpness L(w + rho g/||g||) - L(w) for each rho (1..4 values)
     sharpness_rho: tuple[float, ...] = (0.01, 0.05, 0.1)
 
@@ -287,6 +306,9 @@ class EvalConfig:
         _require(self.sharpness_every >= 0, "eval.sharpness_every", "must be >= 0")
         _positive(self, "eval", "batch_size")
         _positive(self, "eval", "sharpness_samples")
+        _require(self.subset_seed >= 0, "eval.subset_seed", "must be >= 0")
+        _require(self.perturbation_every >= 0, "eval.perturbation_every", "must be >= 0")
+        _positive(self, "eval", "perturbation_samples")
         _positive(self, "eval", "sharpness_iters")
         _positive(self, "eval", "sharpness_tol")
         _require(1 <= self.sharpness_topk <= 5, "eval.sharpness_topk",

@@ -61,6 +61,12 @@ ROUND_METRICS: dict[str, str] = {
     "sharpness_eig5": "f8", "sharpness_trace_stderr": "f8", "sharpness_loss": "f8",
     "sharpness_sam2": "f8", "sharpness_sam3": "f8", "sharpness_sam4": "f8",
     "time_sharpness": "f8",
+    # the sharpness estimates' own errors: lambda_1's residual ||H v - lambda v|| and
+    # Hessian-vector products, the Hutchinson probes behind the trace
+    "sharpness_lmax_resid": "f8", "sharpness_lmax_iters": "i8", "sharpness_trace_probes": "i8",
+    # perturbation accuracy (fedmpi.perturbation): mean cos(ascent, true global gradient)
+    # over the clients that climbed, cos(w^{t-1} - w^t, that gradient), FedSynSAM's fit
+    "perturb_cos": "f8", "perturb_cos_update": "f8", "synth_fit_cos": "f8",
 }
 
 #: per-round, per-client values: name -> dtype
@@ -68,6 +74,7 @@ CLIENT_METRICS: dict[str, str] = {
     "participation": "i1", "train_loss": "f8", "uplink_bytes": "i8", "efficiency": "f8",
     "steps": "i8", "diverged": "i1",
     "acc": "f8",  # the global model's accuracy on the client's holdout (data.client_holdout)
+    "perturb_cos": "f8",  # cos(ascent at the first local step, true global gradient)
 }
 
 

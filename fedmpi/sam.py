@@ -5,7 +5,9 @@ the order a round calls them:
 
 * server, start of round t: :meth:`Estimator.server_payload` -- extra downlink the
   estimator needs on the clients (empty by default; its bytes are counted as downlink);
-* client rank: :meth:`Estimator.client_receive` with that payload;
+* client rank: :meth:`Estimator.client_global_step` with w^t - w^{t-1} as the rank's
+  replica reconstructed it from the downlink (only where ``wants_global_step``), then
+  :meth:`Estimator.client_receive` with the estimator's payload;
 * client, before local training: :meth:`Estimator.begin_client`;
 * client, every local step k: :meth:`Estimator.perturbation` returns the flat ascent
   vector eps at the current iterate (or None for no ascent); the step's gradient is
@@ -35,12 +37,27 @@ Estimators and their extra downlink (uplink is never touched):
   gradient of this client (K_i local steps at learning rate eta_i). Round 0: Delta_g = 0.
   Downlink field ``delta``: ``4 d`` B per participant from round 1 on (0 B in round 0).
 * ``fedlesam``: FedLESAM (Fan et al., "Locally Estimated Global Perturbations are Better
-  than Local Perturbations for Federated Sharpness-aware Minimization", ICML 2024), the
-  paper's formula: g = w^{t'} - w^t, the global model the client received in its previous
-  active round t' minus the current one, normalised with the global L2 norm and fixed
-  for the whole round (one pass per step). The client keeps w^{t'} in its own state on
-  the owning rank. (Not the public code's per-tensor indexing of a flat vector, nor its
-  L1-like norm.) 0 B.
+  than Local Perturbations for Federated Sharpness-aware Minimization", ICML 2024):
+  g = w^{t'} - w^t, a previous global model minus the current one, normalised with the
+  global L2 norm and fixed for the whole round (one pass per step). ``sam.lesam_source``
+  says where w^{t'} - w^t comes from:
+
+  - ``server`` (default; the public code, MediaBrain-SJTU/FedLESAM ``server/FedLESAM.py``
+    and ``client/fedlesam.py``): after round t-1 the server keeps its global update
+    w^t - w^{t-1} (the step it applied, server lr included) and sends it to every client
+    sampled in round t, which climbs g = w^{t-1} - w^t: fresh every round, the same for
+    every participant. Dense downlink: downlink field ``update``, ``4 d`` B per
+    participant from round 1 on (0 B in round 0, when there is no update: ``sam.round0``).
+    Compressed downlink (``compressor.downlink = "same"``): the round's downlink payload
+    *is* that update through the downlink compressor, D(m^{t-1}) = w^t - w^{t-1}, which
+    every participant downloads anyway (fedmpi.downlink); the client takes it from its
+    replica (:meth:`Estimator.client_global_step`), 0 B extra.
+  - ``client`` (the paper's formula): w^{t'} is the global model the client received in
+    its previous active round t', kept in its own state on the owning rank; stale by the
+    rounds it sat out, absent in its first round. 0 B.
+
+  (Neither copies the public code's per-tensor indexing of a flat vector, nor its L1-like
+  norm.)
 * ``fedsynsam``: FedSynSAM (Gu, Jin, Zhang, Dai, "Gradient Compression May Hurt
   Generalization: A Remedy by Synthetic Data Guided Sharpness Aware Minimization", arXiv
   2602.11584, 2026), as reconstructed in docs/algorithms.md §1.3 (the paper's body was not
@@ -116,8 +133,27 @@ class Estimator:
             raise ValueError(f"sam.name = {self.name!r} expects no downlink, got {buf.size} B")
         return Payload({})
 
+    #: whether the round loop passes :meth:`client_global_step` the downlink's step
+    wants_global_step: ClassVar[bool] = False
+
+    def client_global_step(self, step: torch.Tensor, round_: int) -> None:
+        """The global update w^t - w^{t-1} that the round's downlink brought to this rank's
+        replica (every rank applies every broadcast); called before :meth:`client_receive`,
+        only when ``wants_global_step``."""
+        return None
+
     def client_receive(self, payload: Payload, round_: int) -> None:
         return None
+
+    # measurement (fedmpi.perturbation) ------------------------------------------
+    def server_fit_cosine(self) -> float:
+        """How well the server-built direction matches what it was fitted to, for the one
+        the next round's clients get (FedSynSAM's S); NaN where there is none."""
+        return float("nan")
+
+    def client_fit_cosine(self) -> float:
+        """The same for a direction the current client fitted itself; NaN if none."""
+        return float("nan")
 
     def begin_client(self, client: int, state: Any, global_params: torch.Tensor,
                      round_: int, lr: float = 0.0, steps: int = 0) -> None:
@@ -205,11 +241,45 @@ class FedLESAM(Estimator):
 
     def __init__(self, cfg: Config, spec: ModelSpec):
         super().__init__(cfg, spec)
+        self.source = cfg.sam.lesam_source
+        # server source through a compressed downlink: the update is the downlink's payload
+        self.via_downlink = self.source == "server" and cfg.compressor.downlink == "same"
+        self.wants_global_step = self.via_downlink
+        self._srv_update: np.ndarray | None = None  # server: w^{t+1} - w^t (dense downlink)
+        self._update: torch.Tensor | None = None  # client rank: w^t - w^{t-1}, as received
         self._eps: torch.Tensor | None = None
 
+    # server source -------------------------------------------------------------
+    def server_round_end(self, before, after, round_, model):
+        if self.source == "server" and not self.via_downlink:
+            self._srv_update = (after - before).detach().to(torch.float32).cpu().numpy()
+
+    def server_payload(self, round_):
+        if self._srv_update is None:
+            return Payload({})
+        return Payload({"update": self._srv_update})
+
+    def parse(self, buf, round_):
+        if buf.size == 0:
+            return Payload({})
+        return Payload.from_bytes(buf, [("update", np.float32, self.spec.d)])
+
+    def client_receive(self, payload, round_):
+        if not self.via_downlink:
+            self._update = (torch.from_numpy(payload["update"]).to(self.spec.device)
+                            if payload.nbytes else None)
+
+    def client_global_step(self, step, round_):
+        self._update = step
+
+    # client -------------------------------------------------------------------
     def begin_client(self, client, state, global_params, round_, lr=0.0, steps=0):
-        prev = state.extra.get("last_global")
         self._eps = None
+        if self.source == "server":
+            if self._update is not None and float(self._update.norm()) > 0:
+                self._eps = self.ascent(-self._update, global_params)  # w^{t-1} - w^t
+            return
+        prev = state.extra.get("last_global")
         if prev is not None:
             self._eps = self.ascent(prev - global_params, global_params)
         state.extra["last_global"] = global_params.clone()
@@ -230,8 +300,10 @@ class _Cache(dict):
 class Synthetic:
     """A synthetic set S = (X, Y) and its sign sigma, on the rank's device."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, sigma: float):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, sigma: float,
+                 cos: float = float("nan")):
         self.x, self.y, self.sigma = x, y, sigma
+        self.cos = cos  #: cos(sigma grad l(w; S), target) of the fit (not sent)
 
     def fields(self) -> dict[str, np.ndarray]:
         return {"x": self.x.detach().to(torch.float32).cpu().numpy().reshape(-1).copy(),
@@ -261,6 +333,7 @@ class FedSynSAM(Estimator):
         self._set: Synthetic | None = None
         self._pending: tuple[Any, torch.Tensor, torch.Tensor, int, int] | None = None
         self._eps: torch.Tensor | None = None
+        self._fit_cos = float("nan")  # of the current client's own fit (client site)
 
     @property
     def payload_bytes(self) -> int:
@@ -311,8 +384,11 @@ class FedSynSAM(Estimator):
             z, _ = synth.optimise(total, pack.pack(x0[None], y0[None]), self.options)
             x, y = (t[0].contiguous() for t in pack.unpack(z))
         w, d = segments[-1]
-        cos = float(torch.dot(direction(w, x, y), d))
-        return Synthetic(x.detach(), y.detach(), -1.0 if cos < 0 else 1.0)
+        g = direction(w, x, y)
+        dot = float(torch.dot(g, d))
+        den = float(g.norm()) * float(d.norm())
+        return Synthetic(x.detach(), y.detach(), -1.0 if dot < 0 else 1.0,
+                         abs(dot) / den if den > 0 else float("nan"))
 
     # server -----------------------------------------------------------------
     def server_round_end(self, before, after, round_, model):
@@ -328,6 +404,12 @@ class FedSynSAM(Estimator):
         if self._srv_set is None:
             return Payload({})
         return Payload(self._srv_set.fields())
+
+    def server_fit_cosine(self):
+        return getattr(self._srv_set, "cos", float("nan"))
+
+    def client_fit_cosine(self):
+        return self._fit_cos
 
     # client rank ------------------------------------------------------------
     def parse(self, buf, round_):
@@ -349,6 +431,7 @@ class FedSynSAM(Estimator):
     def begin_client(self, client, state, global_params, round_, lr=0.0, steps=0):
         self._eps = None
         self._pending = None
+        self._fit_cos = float("nan")
         if self.cfg.sam.synth_site == "server":
             self._set = self._received
             return
@@ -366,6 +449,7 @@ class FedSynSAM(Estimator):
                                  self._start(state.extra.get("synth"), round_, client))
             if self._set is not None:
                 state.extra["synth"] = self._set
+                self._fit_cos = self._set.cos
         if self._set is None:
             return self.no_history(model, xb, yb)
         if self._eps is not None:  # perturb_mode = fixed: computed at w^t, step 0

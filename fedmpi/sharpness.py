@@ -10,9 +10,14 @@ Caldarola et al., CVPR 2025, reports the top-5 eigenvalues):
   repeat u = H v, lambda = v'u, v = u / ||u|| until |delta lambda| / |lambda| < tol or
   ``max_iter`` products. Further eigenvalues by deflation: every iterate is kept
   orthogonal to the eigenvectors already found (H' = H - sum_j lambda_j v_j v_j').
+  Its own error: the residual ``r = ||H v - lambda v||`` of the returned Rayleigh
+  quotient (unit v): H being symmetric, some eigenvalue lies within r of lambda (Weyl /
+  Bauer-Fike); reported with the products spent.
 * **trace**: Hutchinson's estimator ``tr H ~ (1/m) sum_j z_j' H z_j`` with Rademacher
-  z_j, stopping (PyHessian's rule) when the running mean changes by less than ``tol``
-  relative, or after ``max_samples`` probes; the standard error is reported alongside.
+  z_j and its standard error ``std(z'Hz) / sqrt(m)``, stopping after ``max_samples``
+  probes or, ``rule = "pyhessian"`` (PyHessian), when the running mean changes by less
+  than ``tol`` relative, or, ``rule = "stderr"``, once at least :data:`MIN_PROBES` probes
+  give a standard error <= ``tol`` x |mean| (a rule that stops on its own error).
 * **SAM sharpness**: ``S_rho(w) = L(w + rho g / ||g||) - L(w)`` with g = grad L(w), for
   each rho of a list (Foret et al., ICLR 2021).
 
@@ -38,6 +43,8 @@ TAG_SHARPNESS_PROBE = 702
 #: the most eigenvalues / SAM radii the run file has columns for (metrics.ROUND_METRICS)
 MAX_TOPK = 5
 MAX_RHOS = 4
+#: the stderr rule trusts a standard error from at least this many probes
+MIN_PROBES = 10
 
 
 class Objective:
@@ -108,6 +115,7 @@ class Eigen:
     values: list[float]  #: largest magnitude first
     vectors: list[torch.Tensor]
     iterations: list[int]  #: Hessian-vector products spent on each
+    residuals: list[float]  #: ||H' v - lambda v|| of each (H' deflated, v the unit iterate)
 
 
 def top_eigenvalues(obj: Objective, k: int = 1, max_iter: int = 100, tol: float = 1e-3,
@@ -116,6 +124,7 @@ def top_eigenvalues(obj: Objective, k: int = 1, max_iter: int = 100, tol: float 
     values: list[float] = []
     vectors: list[torch.Tensor] = []
     iters: list[int] = []
+    residuals: list[float] = []
     dtype, device = obj.params[0].dtype, obj.params[0].device
 
     def deflate(x: torch.Tensor) -> torch.Tensor:
@@ -127,13 +136,14 @@ def top_eigenvalues(obj: Objective, k: int = 1, max_iter: int = 100, tol: float 
         v = torch.randn(obj.numel, generator=generator, dtype=torch.float64).to(dtype)
         v = deflate(v.to(device))
         v = v / v.norm()
-        lam, n = float("nan"), 0
+        lam, n, resid = float("nan"), 0, float("nan")
         for n in range(1, max_iter + 1):  # noqa: B007 (n is read after the loop)
             u = deflate(obj.hvp(v))
             new = float(torch.dot(v, u))
             norm = float(u.norm())
             converged = not math.isnan(lam) and abs(new - lam) <= tol * (abs(new) + 1e-12)
             lam = new
+            resid = float((u - lam * v).norm())  # of lam's own iterate v
             if norm == 0.0:
                 break
             v = u / norm
@@ -142,11 +152,12 @@ def top_eigenvalues(obj: Objective, k: int = 1, max_iter: int = 100, tol: float 
         values.append(lam)
         vectors.append(v)
         iters.append(n)
+        residuals.append(resid)
     # largest magnitude first: a run stopped by max_iter before converging may have found
     # a smaller Rayleigh quotient first
     order = sorted(range(k), key=lambda i: -abs(values[i]))
     return Eigen([values[i] for i in order], [vectors[i] for i in order],
-                 [iters[i] for i in order])
+                 [iters[i] for i in order], [residuals[i] for i in order])
 
 
 @dataclass
@@ -156,9 +167,18 @@ class Trace:
     samples: int
 
 
+def _stderr(est: list[float]) -> float:
+    return float(np.std(est, ddof=1) / math.sqrt(len(est))) if len(est) > 1 else float("nan")
+
+
 def hutchinson_trace(obj: Objective, max_samples: int = 100, tol: float = 1e-3,
-                     generator: torch.Generator | None = None) -> Trace:
-    """Hutchinson's trace estimate with Rademacher probes (PyHessian's stopping rule)."""
+                     generator: torch.Generator | None = None,
+                     rule: str = "pyhessian") -> Trace:
+    """Hutchinson's trace estimate with Rademacher probes; ``rule`` = "pyhessian" (the
+    mean moved by <= tol relative) or "stderr" (standard error <= tol x |mean| after at
+    least :data:`MIN_PROBES` probes); at most ``max_samples`` probes either way."""
+    if rule not in ("pyhessian", "stderr"):
+        raise ValueError(f"unknown trace stopping rule {rule!r}")
     dtype, device = obj.params[0].dtype, obj.params[0].device
     est: list[float] = []
     mean = float("nan")
@@ -167,12 +187,16 @@ def hutchinson_trace(obj: Objective, max_samples: int = 100, tol: float = 1e-3,
         z = z.to(device)
         est.append(float(torch.dot(z, obj.hvp(z))))
         new = float(np.mean(est))
+        if rule == "stderr":
+            mean = new
+            if len(est) >= MIN_PROBES and _stderr(est) <= tol * abs(mean):
+                break
+            continue
         if len(est) >= 2 and abs(new - mean) <= tol * (abs(mean) + 1e-6):
             mean = new
             break
         mean = new
-    stderr = float(np.std(est, ddof=1) / math.sqrt(len(est))) if len(est) > 1 else float("nan")
-    return Trace(mean, stderr, len(est))
+    return Trace(mean, _stderr(est), len(est))
 
 
 def sam_sharpness(obj: Objective, rhos: Sequence[float]) -> tuple[float, list[float]]:
@@ -211,11 +235,15 @@ class Subset:
 
 
 def fixed_subset(x: np.ndarray, y: np.ndarray, size: int, seed: int,
-                 device: torch.device | str = "cpu") -> Subset:
-    """``size`` training samples drawn once from ``[seed, TAG_SHARPNESS_DATA]`` (sorted)."""
-    n = len(y)
+                 device: torch.device | str = "cpu", among: np.ndarray | None = None
+                 ) -> Subset:
+    """``size`` training samples drawn once from ``[seed, TAG_SHARPNESS_DATA]`` (sorted),
+    among the rows ``among`` (sorted, distinct; default: every row)."""
+    n = len(y) if among is None else len(among)
     rng = np.random.default_rng([seed, TAG_SHARPNESS_DATA])
     idx = np.sort(rng.choice(n, size=min(size, n), replace=False))
+    if among is not None:
+        idx = among[idx]
     return Subset(torch.from_numpy(np.ascontiguousarray(x[idx])).to(device),
                   torch.from_numpy(np.ascontiguousarray(y[idx])).to(device))
 
@@ -231,9 +259,10 @@ def measure(module: torch.nn.Module, subset: Subset, normalize: Callable | None,
     """Every sharpness metric of ``module`` on ``subset`` -> HDF5 round columns.
 
     ``ev`` is the run's :class:`fedmpi.config.EvalConfig`. Columns: ``sharpness_lmax``
-    (lambda_1), ``sharpness_eig2..5`` (deflation, up to ``sharpness_topk``),
-    ``sharpness_trace`` (+ ``_stderr``), ``sharpness_loss`` (L on the subset),
-    ``sharpness_sam`` (first rho) and ``sharpness_sam2..4`` (the other rhos).
+    (lambda_1, with ``_resid`` its residual ||H v - lambda v|| and ``_iters`` the products
+    spent), ``sharpness_eig2..5`` (deflation, up to ``sharpness_topk``),
+    ``sharpness_trace`` (+ ``_stderr``, ``_probes``), ``sharpness_loss`` (L on the
+    subset), ``sharpness_sam`` (first rho) and ``sharpness_sam2..4`` (the other rhos).
     """
     was_training = module.training
     module.eval()
@@ -242,12 +271,15 @@ def measure(module: torch.nn.Module, subset: Subset, normalize: Callable | None,
         eig = top_eigenvalues(obj, ev.sharpness_topk, ev.sharpness_iters, ev.sharpness_tol,
                               _generator(seed, TAG_SHARPNESS_PROBE, 2 * round_))
         tr = hutchinson_trace(obj, ev.sharpness_trace_samples, ev.sharpness_trace_tol,
-                              _generator(seed, TAG_SHARPNESS_PROBE, 2 * round_ + 1))
+                              _generator(seed, TAG_SHARPNESS_PROBE, 2 * round_ + 1),
+                              ev.sharpness_trace_rule)
         base, sam = sam_sharpness(obj, ev.sharpness_rho)
     finally:
         module.train(was_training)
-    row = {"sharpness_lmax": eig.values[0], "sharpness_trace": tr.value,
-           "sharpness_trace_stderr": tr.stderr, "sharpness_loss": base}
+    row = {"sharpness_lmax": eig.values[0], "sharpness_lmax_resid": eig.residuals[0],
+           "sharpness_lmax_iters": eig.iterations[0], "sharpness_trace": tr.value,
+           "sharpness_trace_stderr": tr.stderr, "sharpness_trace_probes": tr.samples,
+           "sharpness_loss": base}
     for i, lam in enumerate(eig.values[1:], start=2):
         row[f"sharpness_eig{i}"] = lam
     for i, s in enumerate(sam):

@@ -29,6 +29,7 @@ import traceback
 import numpy as np
 import torch
 
+import fedmpi.perturbation as perturbation
 from fedmpi import checkpoint, compress, config, data, downlink, layout, metrics, sam, sharpness
 from fedmpi.client import DIVERGED, ClientGroup, Shard
 from fedmpi.comm import SERVER, RoundLimit, Transport, WaitTimeout, finalize_and_exit
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     if first:  # resume: server state on rank 0, client states to their (new) owners
         restore_run(t, saved, owners, model, down_link, estimator, group)
 
-    server = writer = board = None
+    server = writer = board = meter = None
     if t.is_server:
         holdout = None
         if cfg.data.client_holdout > 0:  # every client's held-out samples, and whose
@@ -227,7 +228,14 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         counts = data.class_counts(loaded.train.y, parts, info.num_classes)
         if cfg.eval.sharpness_every:  # a fixed, seeded training subset for sharpness
             sharp = sharpness.fixed_subset(loaded.train.x, loaded.train.y,
-                                           cfg.eval.sharpness_samples, cfg.run.seed, device)
+                                           cfg.eval.sharpness_samples, cfg.eval.subset_seed,
+                                           device)
+        if cfg.eval.perturbation_every:  # the true global gradient's fixed subset
+            meter = perturbation.Meter(model.module, perturbation.subset(
+                loaded.train.x, loaded.train.y, parts, cfg.eval.perturbation_samples,
+                cfg.eval.subset_seed, device), normalizer, cfg.eval.batch_size)
+            if first and saved.get("previous_params") is not None:
+                meter.previous = saved["previous_params"].to(device)
         del loaded  # rank 0 keeps only the test split (and its own shards, if any)
         if first:
             writer = metrics.RunWriter.resume(path, first, cfg, t.size, cfg.run.hdf5_swmr)
@@ -265,6 +273,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
                        | (checkpoint.CONTROL_CHECKPOINT if due or signals.raised else 0)
                        | (checkpoint.CONTROL_EXIT if signals.raised else 0))
             participants = sample_participants(cfg, rnd)
+            synth_fit = estimator.server_fit_cosine()  # of the S this round's clients get
             down = down_link.server_payload(server.params, rnd).to_bytes()
             extra = estimator.server_payload(rnd).to_bytes()
             header[:HEADER] = (rnd, control, down.size, len(participants), extra.size)
@@ -276,7 +285,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             break
         if control & checkpoint.CONTROL_CHECKPOINT:
             take_checkpoint(t, cfg, rnd, time.perf_counter() - start, model, down_link,
-                            estimator, group)
+                            estimator, group, meter)
             last_checkpoint = time.perf_counter()
         if control & checkpoint.CONTROL_EXIT:
             code = checkpoint.EXIT_REQUEUE
@@ -300,9 +309,26 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         record = np.zeros(2 + max_slots * SLOT, dtype=np.float64)
         send = np.zeros(0, dtype=np.uint8)
         if group is not None:
+            prior = group.global_params.clone() if estimator.wants_global_step else None
             down_link.client_apply(down_link.parse(down, rnd), group.global_params, rnd,
                                    group.model)
+            if prior is not None:  # w^t - w^{t-1} as the replica received it
+                estimator.client_global_step(group.global_params - prior, rnd)
             estimator.client_receive(estimator.parse(extra, rnd), rnd)
+        probing = perturbation.due(cfg.eval, rnd, cfg.run.rounds)
+        measured = 0.0  # seconds of rank 0's perturbation measurement (time_eval)
+        if probing:  # the true global gradient at w^t to every client rank (plumbing)
+            tp = time.perf_counter()
+            true_grad = (meter.gradient() if t.is_server
+                         else torch.empty(model.d, dtype=torch.float32))
+            if t.is_server:  # the previous global update as an ascent estimate
+                update_cos = meter.update_cosine(server.params, true_grad)
+            true_host = true_grad.cpu().numpy()
+            t.bcast_plumbing(true_host)
+            if group is not None:
+                group.probe = perturbation.Probe(torch.from_numpy(true_host).to(device))
+            measured = time.perf_counter() - tp
+        if group is not None:
             group.time_train = group.time_encode = 0.0
             if pool is not None:
                 pool.before_round()  # a pool member sleeps until its leader has trained
@@ -319,6 +345,12 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         counts = (table[:, 2:].reshape(t.size, max_slots, SLOT)[:, :, 2].sum(1)
                   if t.is_server else None)
         gathered = t.gatherv_payloads(send, counts)
+        if probing:  # the clients' cosines to rank 0 (plumbing)
+            tp = time.perf_counter()
+            reports = t.gather_object(group.probe.report() if group is not None else ({}, 0.0))
+            if group is not None:
+                group.probe = None
+            measured += time.perf_counter() - tp
 
         if not t.is_server:
             continue
@@ -345,6 +377,8 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             before = server.params.clone()
             down_link.server_step(server.params, step, rnd, server.model)
             estimator.server_round_end(before, server.params, rnd, server.model)
+            if meter is not None:
+                meter.previous = before  # w^t of this round: next round's w^{t-1}
             if not bool(torch.isfinite(server.params).all()):
                 stopped = f"round {rnd}: the global model is not finite"
             step = before = None
@@ -374,6 +408,14 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         per_client["efficiency"] = np.full(n, np.nan)
         per_client["diverged"] = np.zeros(n, dtype=np.int8)
         per_client["acc"] = client_acc if client_acc is not None else np.full(n, np.nan)
+        probe_row = {"synth_fit_cos": synth_fit}
+        if probing:
+            per_client["perturb_cos"], mean_cos, client_fit, client_secs = (
+                perturbation.summarize(reports, n))
+            measured += client_secs  # the slowest client rank's cosines
+            probe_row.update(perturb_cos=mean_cos, perturb_cos_update=update_cos)
+            if np.isfinite(client_fit):  # FedSynSAM, synth_site = client
+                probe_row["synth_fit_cos"] = client_fit
         for cid, why in diverged.items():
             per_client["diverged"][cid] = why
         for s in slots:
@@ -403,9 +445,10 @@ def run(args: argparse.Namespace, t: Transport) -> int:
                                        else float("nan")),
             "efficiency_mean": float(np.nanmean(by_id[:, 4])) if aggregated else float("nan"),
             "time_round": round_time, "time_train": time_train, "time_encode": time_encode,
-            "time_decode": t2 - t1, "time_eval": t3 - t2,
-            "time_comm": max(0.0, round_time - time_train - time_encode - (t4 - t1)),
-            **sharp_row,
+            "time_decode": t2 - t1, "time_eval": t3 - t2 + measured,
+            "time_comm": max(0.0, round_time - time_train - time_encode - (t4 - t1)
+                             - measured),
+            **sharp_row, **probe_row,
         }
         writer.append(row, per_client)
         history.append(row)
@@ -494,7 +537,7 @@ def resume_state(cfg: config.Config, path: str, device,
 
 
 def take_checkpoint(t: Transport, cfg, rnd: int, elapsed: float, model, down_link,
-                    estimator, group) -> None:
+                    estimator, group, meter=None) -> None:
     """Every rank: send client states to rank 0, which writes the checkpoint atomically."""
     mine = ({cid: group.states[cid] for cid in group.clients}, group.global_params.cpu()
             ) if group is not None else ({}, None)
@@ -509,7 +552,9 @@ def take_checkpoint(t: Transport, cfg, rnd: int, elapsed: float, model, down_lin
         "round": rnd, "config": config.to_toml(cfg), "wall_time": elapsed,
         "params": model.params.cpu(), "replica": replica, "clients": clients,
         "downlink": checkpoint.object_state(down_link),
-        "estimator": checkpoint.object_state(estimator)})
+        "estimator": checkpoint.object_state(estimator),
+        "previous_params": (meter.previous.cpu() if meter is not None
+                            and meter.previous is not None else None)})
 
 
 def restore_run(t: Transport, saved, owners, model, down_link, estimator, group) -> None:

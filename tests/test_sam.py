@@ -94,8 +94,9 @@ def test_fedsam_climbs_the_local_minibatch_gradient():
 # ---------------------------------------------------------------------------- fedlesam
 
 
-def test_fedlesam_direction_is_the_normalised_previous_global_update():
-    cfg, model, spec, est, xb, yb = setup(["sam.name=fedlesam", "sam.rho=0.3"])
+def test_fedlesam_client_source_climbs_towards_its_last_seen_global_model():
+    cfg, model, spec, est, xb, yb = setup(["sam.name=fedlesam", "sam.rho=0.3",
+                                           "sam.lesam_source=client"])
     state = ClientState()
     w0 = model.params.clone()
     w1 = w0 + 0.01 * torch.randn(model.d, generator=torch.Generator().manual_seed(1))
@@ -111,6 +112,84 @@ def test_fedlesam_direction_is_the_normalised_previous_global_update():
     assert torch.allclose(est.perturbation(model, xb, yb, 0), 0.3 * (w1 - w2) / (w1 - w2).norm(),
                           atol=1e-7)
     assert torch.equal(state.extra["last_global"], w2)
+
+
+def server_round(est, round_, before, after):
+    """The estimator's server half ends round ``round_ - 1``; its payload for ``round_``
+    travels as bytes to the client half (one instance plays both, as with one process)."""
+    if after is not None:
+        est.server_round_end(before, after, round_ - 1, None)
+    payload = est.server_payload(round_)
+    est.client_receive(est.parse(payload.to_bytes(), round_), round_)
+    return payload
+
+
+def test_fedlesam_official_climbs_the_previous_global_update_sent_to_every_client():
+    """The public code's form (the default): the server sends w^t - w^{t-1} to every
+    sampled client of round t; each climbs rho (w^{t-1} - w^t) / ||.||, the same for every
+    client, whether or not it took part before. Round 0 has no update: no ascent."""
+    cfg, model, spec, est, xb, yb = setup(["sam.name=fedlesam", "sam.rho=0.3"])
+    assert cfg.sam.lesam_source == "server"
+    w0 = torch.zeros(model.d)
+    w0[:3] = torch.tensor([1.0, 2.0, 2.0])
+    w1 = w0.clone()
+    w1[:3] = torch.tensor([1.0, 0.0, 0.0])  # the server step of round 0: (0, -2, -2, 0...)
+    w2 = w1.clone()
+    w2[3] = 3.0  # round 1's step: +3 on coordinate 3
+    assert server_round(est, 0, None, None).nbytes == 0  # round 0: nothing to send
+    for client in (0, 5):
+        est.begin_client(client, ClientState(), w0, 0)
+        assert est.perturbation(model, xb, yb, 0) is None  # sam.round0 = sgd
+    payload = server_round(est, 1, w0, w1)
+    assert payload.nbytes == 4 * model.d
+    want = torch.zeros(model.d)
+    want[1:3] = 0.3 / math.sqrt(2.0)  # rho (w0 - w1) / ||w0 - w1|| = 0.3 (0, 1, 1) / sqrt 2
+    for client in (0, 5):  # client 5 never trained before: it gets the update too
+        state = ClientState()
+        est.begin_client(client, state, w1, 1)
+        eps = [est.perturbation(model, xb, yb, k) for k in range(3)]
+        assert all(torch.allclose(e, want) for e in eps) and eps[0] is eps[2]
+        assert "last_global" not in state.extra  # nothing kept on the client
+    server_round(est, 2, w1, w2)
+    est.begin_client(0, ClientState(), w2, 2)
+    want = torch.zeros(model.d)
+    want[3] = -0.3  # fresh every round: only the last step counts
+    assert torch.allclose(est.perturbation(model, xb, yb, 0), want)
+
+
+def test_fedlesam_official_takes_the_compressed_downlinks_step_at_no_extra_bytes():
+    """compressor.downlink = same: the update the server would send is the downlink
+    payload itself (top-k of the server step + its residual); the estimator sends
+    nothing and climbs minus what the replica received."""
+    from fedmpi import downlink
+
+    cfg, model, spec, est, xb, yb = setup(
+        ["sam.name=fedlesam", "sam.rho=0.5", "compressor.name=topk", "compressor.ratio=0.1",
+         "compressor.downlink=same"])
+    assert est.wants_global_step
+    link = downlink.build("same", spec, 0, lambda: compress.build(cfg.compressor, spec))
+    w0 = model.params.clone()
+    server = w0.clone()
+    replica = w0.clone()
+    step = torch.randn(model.d, generator=torch.Generator().manual_seed(3))
+    for rnd in range(3):
+        got = link.server_payload(server, rnd)
+        before = server.clone()
+        prior = replica.clone()
+        link.client_apply(link.parse(got.to_bytes(), rnd), replica, rnd, model)
+        assert torch.equal(replica, server)  # the replica holds w^t
+        est.client_global_step(replica - prior, rnd)
+        assert server_round(est, rnd, None, None).nbytes == 0  # never extra downlink
+        est.begin_client(1, ClientState(), replica, rnd)
+        eps = est.perturbation(model, xb, yb, 0)
+        if rnd == 0:
+            assert eps is None  # w^0 is known everywhere: no step yet
+        else:
+            received = replica - prior
+            assert int((received != 0).sum()) < model.d // 5  # a top-k step, not dense
+            assert torch.allclose(eps, -0.5 * received / received.norm())
+        link.server_step(server, step * (rnd + 1), rnd, model)
+        est.server_round_end(before, server, rnd, model)
 
 
 def test_round0_local_falls_back_to_fedsam_ascent():
@@ -164,6 +243,8 @@ def test_fedsynsam_server_fits_the_segment_and_ships_it_exactly():
     # LBFGS without line search (the official fit) is chaotic: across starts and
     # evaluation modes the best cosine lands in 0.97-0.995 on this realizable target
     assert cosine(s.sigma * g, target) > 0.95
+    assert s.cos == pytest.approx(cosine(s.sigma * g, target), abs=1e-6)
+    assert est.server_fit_cosine() == s.cos  # what fedmpi.train records per round
     payload = est.server_payload(1)
     d_in = math.prod(spec.input_shape)
     assert payload.nbytes == est.payload_bytes == 4 * 4 * (d_in + spec.num_classes) + 1
@@ -325,9 +406,11 @@ def test_downlink_bytes_count_the_estimators_payloads(tmp_path):
     for extra, per_client in (
             (["sam.name=fedsynsam"], 4 * 2 * (d_in + c) + 1),  # M = 2: 4 M (D_in + C) + 1
             (["sam.name=mofedsam"], 4 * d),
+            (["sam.name=fedlesam"], 4 * d),  # official: the previous global update
+            (["sam.name=fedlesam", "sam.lesam_source=client"], 0),
             (["sam.name=fedsynsam", "sam.synth_site=client"], 0)):
         args = [*RUN, *[a for x in extra for a in ("--set", x)]]
-        run = run_and_open(tmp_path, 3, args, name=extra[-1].replace("=", "_"))
+        run = run_and_open(tmp_path, 3, args, name="_".join(extra).replace("=", "_"))
         later = np.arange(len(run)) >= 1  # round 0 has no history: nothing extra
         parts = run.rounds["participants"]
         extra_payload = run.rounds["downlink_payload_bytes"] - base.rounds[
@@ -339,6 +422,19 @@ def test_downlink_bytes_count_the_estimators_payloads(tmp_path):
 
 
 @pytest.mark.slow
+def test_official_fedlesam_through_a_compressed_downlink_adds_no_downlink_bytes(tmp_path):
+    """With compressor.downlink = same the previous global update is the downlink payload
+    every participant downloads anyway: the same bytes as without an estimator."""
+    down = [*RUN, "--set", "compressor.name=topk", "--set", "compressor.ratio=0.1",
+            "--set", "compressor.downlink=same"]
+    base = run_and_open(tmp_path, 3, down, name="none")
+    run = run_and_open(tmp_path, 3, [*down, "--set", "sam.name=fedlesam"], name="lesam")
+    for k in ("downlink_bytes", "downlink_payload_bytes"):
+        assert run.rounds[k].tolist() == base.rounds[k].tolist(), k
+    assert not np.array_equal(run.rounds["train_loss"], base.rounds["train_loss"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["sam.traj_window=2"], ["sam.synth_site=client"]],
                          ids=["server", "client"])
 def test_fedsynsam_killed_run_resumes_identically_on_another_rank_count(tmp_path, extra):
@@ -346,15 +442,19 @@ def test_fedsynsam_killed_run_resumes_identically_on_another_rank_count(tmp_path
     each client's last global model and S in its ClientState (client site, moved from
     one owning rank to another)."""
     args = [*RUN[len(SMALL):], "--set", "sam.name=fedsynsam", "--set", "sam.rho=0.1",
-            "--set", "checkpoint.every=2", *[a for x in extra for a in ("--set", x)]]
+            "--set", "checkpoint.every=2", "--set", "eval.perturbation_every=1",
+            *[a for x in extra for a in ("--set", x)]]
     ref = run_and_open(tmp_path, 3, [*SMALL, "--set", "run.rounds=6", *args], name="ref")
     proc, _ = run_faulty(tmp_path, 3, "kill:1:5", args)
     assert proc.returncode != 0
     run_train(tmp_path, 2, [*SMALL, "--set", "run.rounds=6", *args, "--resume"], name="f")
     resumed = open_run(str(tmp_path / "f.h5"))
     assert list(resumed.attrs["resumed_at_rounds"]) == [4]
-    for k in (*LEARNING, "downlink_payload_bytes"):
+    for k in (*LEARNING, "downlink_payload_bytes", "perturb_cos", "perturb_cos_update",
+              "synth_fit_cos"):  # the measurement's w^{t-1} survives the checkpoint too
         assert np.array_equal(resumed.rounds[k], ref.rounds[k], equal_nan=True), k
+    assert np.isfinite(ref.rounds["synth_fit_cos"][1:]).any()
+    assert np.isfinite(ref.rounds["perturb_cos_update"][1:]).all()
 
 
 # ---------------------------------------------------------------------------- the claim

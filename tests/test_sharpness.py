@@ -85,6 +85,39 @@ def test_power_iteration_stops_at_max_iter_and_on_tolerance():
                                      generator=_gen()).iterations[0] < 10
 
 
+def test_eigenvalue_residual_bounds_its_distance_to_the_spectrum():
+    """The reported error of an unconverged lambda: some eigenvalue of A lies within
+    ||A v - lambda v|| of it; a converged one has a tiny residual."""
+    obj, a = quadratic([1.0, 0.95, 0.5, 0.1, -0.3, 0.2, 0.4, 0.05], rotate=True, seed=2)
+    true = torch.linalg.eigvalsh(a)
+    for iters in (1, 3, 10):
+        eig = sharpness.top_eigenvalues(obj, max_iter=iters, tol=1e-12, generator=_gen(1))
+        lam, r = eig.values[0], eig.residuals[0]
+        assert r > 0 and float((true - lam).abs().min()) <= r + 1e-12
+    done = sharpness.top_eigenvalues(obj, max_iter=5000, tol=1e-12, generator=_gen(1))
+    assert done.values[0] == pytest.approx(1.0, rel=1e-6) and done.residuals[0] < 1e-3
+
+
+def test_hutchinson_stderr_rule_stops_on_its_own_standard_error():
+    obj, a = quadratic(EIGS, rotate=True)
+    for tol in (0.5, 0.2, 0.1):
+        tr = sharpness.hutchinson_trace(obj, max_samples=400, tol=tol, generator=_gen(4),
+                                        rule="stderr")
+        assert sharpness.MIN_PROBES <= tr.samples < 400
+        assert tr.stderr <= tol * abs(tr.value)
+        if tr.samples > sharpness.MIN_PROBES:  # one probe fewer had not reached the target
+            fewer = sharpness.hutchinson_trace(obj, max_samples=tr.samples - 1, tol=0.0,
+                                               generator=_gen(4), rule="stderr")
+            assert fewer.stderr > tol * abs(fewer.value)
+    obj, a = quadratic(EIGS, rotate=False)  # z'Az = tr A exactly: stderr 0 at once
+    tr = sharpness.hutchinson_trace(obj, max_samples=50, tol=1e-3, generator=_gen(3),
+                                    rule="stderr")
+    assert tr.samples == sharpness.MIN_PROBES and tr.stderr == 0.0
+    capped = sharpness.hutchinson_trace(obj, max_samples=4, tol=1e-3, generator=_gen(3),
+                                        rule="stderr")
+    assert capped.samples == 4
+
+
 def test_hutchinson_trace_is_exact_for_a_diagonal_hessian():
     obj, a = quadratic(EIGS, rotate=False)
     tr = sharpness.hutchinson_trace(obj, max_samples=50, tol=1e-3, generator=_gen(3))
@@ -188,6 +221,10 @@ def test_measure_matches_the_exact_hessian_of_a_small_mlp():
     sub = sharpness.Subset(x, y)
     row = sharpness.measure(model, sub, None, ev, seed=0, round_=0)
     assert row["sharpness_lmax"] == pytest.approx(top[0], rel=1e-3)
+    assert 1 < row["sharpness_lmax_iters"] <= 2000
+    assert min(abs(e - row["sharpness_lmax"]) for e in evals.tolist()) <= (
+        row["sharpness_lmax_resid"] + 1e-9)
+    assert row["sharpness_trace_probes"] == 300  # tol 1e-9: every probe
     assert row["sharpness_eig2"] == pytest.approx(top[1], rel=1e-3)
     assert abs(row["sharpness_trace"] - float(evals.sum())) < 4 * row["sharpness_trace_stderr"]
     assert row["sharpness_loss"] == pytest.approx(float(full_loss(flat)), rel=1e-12)
@@ -230,9 +267,12 @@ def test_train_writes_sharpness_every_n_rounds_and_at_the_end(tmp_path):
     done = ~np.isnan(r["sharpness_lmax"])
     assert done.tolist() == [False, True, True]  # round 2 (every 2) and round 3 (the last)
     for name in ("sharpness_lmax", "sharpness_eig2", "sharpness_trace", "sharpness_loss",
-                 "sharpness_sam", "sharpness_sam2", "time_sharpness"):
+                 "sharpness_sam", "sharpness_sam2", "time_sharpness", "sharpness_lmax_resid",
+                 "sharpness_trace_stderr"):
         assert np.all(np.isfinite(r[name][done])), name
         assert np.all(np.isnan(r[name][~done])), name
+    for name in ("sharpness_lmax_iters", "sharpness_trace_probes"):
+        assert np.all(r[name][done] >= 1) and np.all(r[name][~done] == 0), name
     assert np.all(r["sharpness_lmax"][done] >= np.abs(r["sharpness_eig2"][done]))
     assert np.all(r["sharpness_sam2"][done] > r["sharpness_sam"][done])
     assert np.all(np.isnan(r["sharpness_eig3"])) and np.all(np.isnan(r["sharpness_sam3"]))
