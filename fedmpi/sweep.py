@@ -532,7 +532,7 @@ def run_local(sweep: Sweep, n: int, dry_run: bool = False, out=None, restart: bo
         for p, _ in pending:
             cmd = launch.command(n, "fedmpi.train", [*train_args(p, restart), "--quiet"])
             print(" ".join(cmd), file=out, flush=True)
-        return 0
+        return 1 if failed else 0  # a damaged point is not done: say so
     forward = Forward()
     try:
         t_start = time.perf_counter()

@@ -184,7 +184,8 @@ def test_augment_changes_training(runs):
 
 
 @pytest.mark.parametrize("n, case", [(3, "missing"), (1, "corrupt")])
-def test_bad_data_exits_2_on_every_rank_without_a_run_file(tmp_path, n, case):
+def test_bad_data_exits_2_on_every_rank_without_a_run_file(tmp_path, monkeypatch, n, case):
+    monkeypatch.delenv("FEDMPI_DATA_ROOT", raising=False)  # it would win over data.root
     root = tmp_path / "data"
     items = ["data.num_clients=4", "run.threads=1", "data.partition=iid"]
     if case == "missing":  # an empty root

@@ -93,8 +93,8 @@ def test_measurement_rounds():
 
 #: every round column that neither times nor measures the perturbation
 UNTOUCHED = ("test_acc", "test_loss", "train_loss", "participants", "uplink_bytes",
-             "uplink_payload_bytes", "downlink_bytes", "downlink_payload_bytes",
-             "meta_bytes", "efficiency_mean")
+             "uplink_payload_bytes", "transport_downlink_bytes", "downlink_payload_bytes",
+             "transport_meta_bytes", "efficiency_mean")
 
 
 @pytest.mark.slow

@@ -429,7 +429,7 @@ def test_official_fedlesam_through_a_compressed_downlink_adds_no_downlink_bytes(
             "--set", "compressor.downlink=same"]
     base = run_and_open(tmp_path, 3, down, name="none")
     run = run_and_open(tmp_path, 3, [*down, "--set", "sam.name=fedlesam"], name="lesam")
-    for k in ("downlink_bytes", "downlink_payload_bytes"):
+    for k in ("transport_downlink_bytes", "downlink_payload_bytes"):
         assert run.rounds[k].tolist() == base.rounds[k].tolist(), k
     assert not np.array_equal(run.rounds["train_loss"], base.rounds["train_loss"])
 
