@@ -273,7 +273,8 @@ def report(args, collected) -> str:
                  + (["--authors", args.authors] if args.authors else [])
                  + (["-o", args.out] if args.out else [])
                  + ([f"--tol {args.tol}"] if args.tol != 0.02 else [])
-                 + (["--metric best"] if args.metric == "best" else [])), ""]
+                 + (["--metric best"] if args.metric == "best" else [])
+                 + (["--notes", args.notes] if args.notes else [])), ""]
     when = "at its best round" if args.metric == "best" else "after the last round"
     lines += [f"Metric: test accuracy {when} (fraction). Tolerance: ±{args.tol}. Verdict: "
               "against the authors' code where it was run, else against the paper.", ""]
@@ -318,6 +319,9 @@ def report(args, collected) -> str:
     lines += trajectories(entries, authors)
     if notes:
         lines += ["## Left out", ""] + [f"- {n}" for n in notes] + [""]
+    if args.notes:
+        with open(args.notes) as fh:
+            lines += [fh.read().rstrip(), ""]
     return "\n".join(lines)
 
 
@@ -445,6 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "the figure goes beside it as <name>-curves.png")
     p.add_argument("--tol", type=float, default=0.02, help="absolute tolerance (0.02)")
     p.add_argument("--metric", choices=("final", "best"), default="final")
+    p.add_argument("--notes", default=None, help="a markdown file of prose (what was "
+                   "checked and why), appended as is; numbers belong in the tables above")
     args = p.parse_args(argv)
     try:
         collected = collect(args)

@@ -80,9 +80,13 @@ def test_report_cells_verdicts_and_claims(tmp_path, reproduce, monkeypatch):
         "# authors' code /x; flags: --method ours --dataset mnist --model mlp --n_client 10"
         " --n_epoch 3 --seed 1\nRound 1, Clients Acc: [0.1], Server Acc: [0.2]\n")
     out = tmp_path / "report.md"
+    notes = tmp_path / "notes.md"
+    notes.write_text("## What was checked\n\nThe trajectories.\n")
     assert reproduce.main([str(runs), "--paper", "3sfc", "--authors", str(authors),
-                           "-o", str(out)]) == 0
+                           "-o", str(out), "--notes", str(notes)]) == 0
     text = out.read_text()
+    assert text.rstrip().endswith("The trajectories.") or "The trajectories." in text
+    assert f"--notes {notes}" in text  # the command that made it
     rows = {tuple(c.strip() for c in line.split("|")[1:4]): [c.strip() for c in
                                                              line.split("|")[4:-1]]
             for line in text.splitlines() if line.startswith("| mnist-mlp")}
