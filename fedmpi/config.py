@@ -229,8 +229,9 @@ class SamConfig:
     name: str = "none"
     rho: float = 0.05  #: SAM radius (0 = plain local SGD for every estimator)
     adaptive: bool = False  #: ASAM (Kwon et al. 2021): eps = rho T^2 g / ||T g||, T = |w|
-    #: before an estimator has history (fedlesam: a client's first round; fedsynsam: no
-    #: synthetic set yet): "sgd" = no ascent (the FedLESAM code), "local" = FedSAM's ascent
+    #: before an estimator has history (fedlesam: round 0, or a client's first round with
+    #: lesam_source = client; fedsynsam: no synthetic set yet): "sgd" = no ascent (the
+    #: FedLESAM code), "local" = FedSAM's ascent
     round0: Literal["sgd", "local"] = "sgd"
     #: fedlesam: where its direction w^{t'} - w^t comes from: server = the server broadcasts
     #: the previous round's global update to every sampled client, t' = t - 1 (the official
