@@ -239,7 +239,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     # 3. rounds ------------------------------------------------------------------------
     header = np.zeros(HEADER + cfg.data.num_clients, dtype=np.int64)
     history = []
-    stopped = None  # rank 0: why the run stops early (divergence), else None
+    stopped = None  # rank 0: why the run stops early (divergence, a signal), else None
     start = time.perf_counter() - (saved["wall_time"] if first and t.is_server else 0.0)
     last_checkpoint = time.perf_counter()
     cpu0 = time.process_time()
@@ -525,12 +525,6 @@ def main(argv: list[str] | None = None) -> None:
         if t.is_server and str(exc):
             print(f"fedmpi: error: {exc}", file=sys.stderr, flush=True)
         code = 2
-    except KeyboardInterrupt:  # Ctrl-C before the round loop could take it over
-        if t.is_server:
-            print("fedmpi: interrupted before the first round", file=sys.stderr, flush=True)
-        if t.size > 1:
-            t.abort(130)
-        code = 130
     except BaseException:
         sys.stderr.write(f"fedmpi: rank {t.rank} of {t.size} failed:\n"
                          + traceback.format_exc())
