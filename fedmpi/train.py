@@ -256,7 +256,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     # 3. rounds ------------------------------------------------------------------------
     header = np.zeros(HEADER + cfg.data.num_clients, dtype=np.int64)
     history = []
-    stopped = None  # rank 0: why the run stops early (divergence), else None
+    stopped = None  # rank 0: why the run stops early (divergence, a signal), else None
     start = time.perf_counter() - (saved["wall_time"] if first and t.is_server else 0.0)
     last_checkpoint = time.perf_counter()
     cpu0 = time.process_time()

@@ -97,3 +97,16 @@ def test_tensorboard_absent_degrades_with_a_message(tmp_path):
     assert "pip install -e '.[tensorboard]'" in proc.stderr
     assert open_run(str(tmp_path / "notb.h5")).complete
     assert not Path(tmp_path / "notb.tb").exists()
+
+
+def test_summary_counts_every_phase_sharpness_included(tmp_path):
+    """A run that spends much of its time measuring sharpness: the done line lists that
+    time with the other phases, as the run file has them."""
+    sharp = ["--set", "eval.sharpness_every=1", "--set", "eval.sharpness_samples=256",
+             "--set", "eval.sharpness_iters=20", "--set", "eval.sharpness_trace_samples=20"]
+    proc = run_train(tmp_path, 1, [*SMALL, *sharp], name="sh")
+    run = open_run(str(tmp_path / "sh.h5"))
+    done = proc.stdout.splitlines()[-1]
+    total = float(np.nansum(run.rounds["time_sharpness"]))
+    assert total > 0 and f"  sharpness {total:.1f}s) -> " in done, done
+    assert done == progress.summary(str(tmp_path / "sh.h5"), "sh")

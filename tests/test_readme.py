@@ -30,5 +30,15 @@ def test_every_key_is_documented():
 def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     assert "python -m pytest -q" in README and "python -m pytest -q" in ci
-    assert 'pip install -e ".[test,mpich,analysis]"' in README
-    assert '-e ".[test,mpich,analysis]"' in ci
+    assert 'pip install -e ".[test,mpich,analysis,tensorboard]"' in README
+    assert '-e ".[test,mpich,analysis,tensorboard]"' in ci
+
+
+def test_the_run_command_installs_what_the_analysis_scripts_need():
+    run = next(line for line in README.splitlines() if "&& python -m fedmpi.train" in line)
+    assert '".[mpich,analysis]"' in run, run
+
+
+def test_front_page_points_nowhere_outside_the_repository():
+    front = README[:README.index("## Running")]
+    assert "../" not in front and len(front.splitlines()) < 90

@@ -71,6 +71,9 @@ def test_nan_update_stops_the_run_and_is_recorded(tmp_path):
     proc, _ = run_faulty(tmp_path, 3, "nan:1:2")
     assert proc.returncode == 3
     assert "round 2: client 1: client update is not finite" in proc.stderr
+    summary = proc.stdout.splitlines()[-1]  # "stopped", not "done"
+    assert summary.startswith("stopped: f (round 2: client 1: client update is not finite")
+    assert " 3 of 6 rounds in " in summary
     run = open_run(str(tmp_path / "f.h5"))
     assert not run.complete and "client 1" in run.attrs["stopped"]
     assert len(run) == 3 and run.clients["diverged"][2, 1] == 2

@@ -153,7 +153,8 @@ def test_default_job_prints_rounds_and_summary(tmp_path):
     lines = proc.stdout.splitlines()
     rounds = [line for line in lines if line.startswith("round ")]
     assert len(rounds) == 4
-    assert all(re.search(r"  \[[0-9.]+s, ETA [0-9.]+s\]$", line) for line in rounds), rounds
+    duration = r"[0-9]+(\.[0-9]s|m[0-9]{2}s|h[0-9]{2}m)"  # 4.2s, 3m05s, 2h07m
+    assert all(re.search(rf"  \[{duration}, ETA {duration}\]$", line) for line in rounds), rounds
     assert rounds[-1].endswith("ETA 0.0s]")
     assert lines[-1].startswith("done: quickstart: final acc")
     assert "sharpness 0.0s" in lines[-1] and "eval " in lines[-1]
