@@ -53,6 +53,8 @@ def _displacements(counts: np.ndarray) -> np.ndarray:
     return displs
 
 
+#: seconds a rank waits between printing why it aborts and MPI_Abort (``Transport.abort``)
+ABORT_GRACE = 1.0
 #: tag of the per-rank round records (``gather_meta``, point to point when polled)
 TAG_META = 31
 
@@ -342,6 +344,10 @@ class Transport:
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # MPI_Abort has mpiexec kill the job at once, and the lines this rank just wrote
+        # may still sit in the launcher's pipes (seen on a loaded machine: the error
+        # message lost, only the exit status left); give them a moment to get through
+        time.sleep(ABORT_GRACE)
         self.comm.Abort(code)
 
 

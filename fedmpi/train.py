@@ -48,7 +48,7 @@ USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.ResumeError, FileE
                PermissionError, metrics.RunFileError)
 
 #: failures that end the job with one message and no traceback (exit 1, every rank ends)
-FATAL = (WaitTimeout, checkpoint.CheckpointError)
+FATAL = (WaitTimeout, checkpoint.CheckpointError, metrics.RunWriteError)
 
 
 class StopRun(Exception):

@@ -17,6 +17,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedmpi import config, launch
@@ -325,3 +326,53 @@ def test_frozen_server_rank_aborts_the_job(tmp_path):
     assert "rank 0 (the server) or a rank it waits for is frozen or gone" in proc.stderr, (
         proc.stderr)
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- full disks
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A tmpfs of 128 KB (root only; skipped where it cannot be mounted)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip() or out.returncode}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_while_writing_the_run_file(tiny_fs):
+    """The run file outgrows 128 KB after 64 rounds: one message naming the file, the
+    round and ENOSPC; every rank ends non-zero; the finished rounds stay readable."""
+    proc, took = timed("disk full while writing the run file",
+                       train_cmd(2, tiny_fs, ["--set", "run.rounds=1000", "--set",
+                                              "client.local_steps=1"]), timeout=3 * JOB)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"fedmpi: error: {tiny_fs}/run.h5: writing round " in proc.stderr, (
+        proc.stdout + proc.stderr)
+    assert "No space left on device (ENOSPC)" in proc.stderr
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("fedmpi: error") == 1
+    run = open_run(str(tiny_fs / "run.h5"))
+    assert 10 < len(run) < 1000 and not run.complete
+    assert list(run.rounds["round"]) == list(range(len(run)))
+    assert np.isfinite(run.rounds["test_acc"]).all()
+
+
+def test_full_disk_while_checkpointing(tmp_path, tiny_fs):
+    """The checkpoint goes to the full tmpfs (the run file elsewhere): one message, exit 1,
+    no .ckpt.tmp left behind."""
+    (tiny_fs / "filler").write_bytes(b"\0" * 120_000)
+    ckpt = tiny_fs / "run.ckpt"
+    proc, took = timed("disk full while checkpointing",
+                       train_cmd(2, tmp_path, ["--set", "checkpoint.every=2",
+                                               "--set", f"checkpoint.path={ckpt}"]))
+    assert proc.returncode == 1, proc.stderr
+    assert f"fedmpi: error: checkpoint {ckpt}: writing it failed" in proc.stderr
+    assert "No space left on device" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tiny_fs.iterdir()) == ["filler"]
+    run = open_run(str(tmp_path / "run.h5"))
+    assert len(run) == 2 and not run.complete
