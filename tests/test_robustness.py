@@ -376,3 +376,58 @@ def test_full_disk_while_checkpointing(tmp_path, tiny_fs):
     assert sorted(p.name for p in tiny_fs.iterdir()) == ["filler"]
     run = open_run(str(tmp_path / "run.h5"))
     assert len(run) == 2 and not run.complete
+
+
+# ---------------------------------------------------------------- inputs that raised
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+BAD_CONFIGS = {  # name: (make the config path in tmp_path, words the message must hold)
+    "config path is a directory": (lambda d: d, ["is a directory, not a config file"]),
+    "binary config file": (lambda d: _write(d / "b.toml", bytes(range(256)) * 4),
+                           ["b.toml", "not a TOML text file"]),
+    "run.name with a NUL byte": (lambda d: _write(d / "n.toml", b'[run]\nname = "a\\u0000b"\n'),
+                                 ["run.name", "control characters"]),
+    "out_dir with a NUL byte": (lambda d: _write(d / "o.toml",
+                                                 b'[run]\nout_dir = "x\\u0000y"\n'),
+                                ["run.out_dir", "NUL"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_config_file_exits_2(tmp_path, case):
+    make, words = BAD_CONFIGS[case]
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    path = make(conf)
+    cmd = launch.command(2, "fedmpi.train", [str(path), "--quiet"])
+    before = sorted(REPO.iterdir())
+    proc, took = timed(f"bad config: {case}", cmd)
+    assert proc.returncode == 2, proc.stderr
+    assert all(w in proc.stderr for w in words), proc.stderr
+    assert proc.stderr.count("fedmpi: error") == 1 and "Traceback" not in proc.stderr
+    assert sorted(REPO.iterdir()) == before  # no stray file or folder (jobs run in REPO)
+    assert len(list(conf.iterdir())) == (0 if path == conf else 1)
+
+
+def test_absurd_synthetic_client_count_is_refused_before_generating(tmp_path):
+    proc, took = timed("data.num_clients = 10**9 (synthetic)",
+                       train_cmd(2, tmp_path, ["--set", "data.num_clients=1000000000"]))
+    assert proc.returncode == 2, proc.stderr
+    assert "data.num_clients: 1,000,000,000 synthetic clients" in proc.stderr
+    assert "GB of memory to generate" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run.h5").exists()
+
+
+def test_out_dir_with_a_tilde_is_expanded(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    cmd = launch.command(2, "fedmpi.train", [*SMALL, "--set", 'run.out_dir="~/x"', "--quiet"])
+    proc, took = timed("out_dir = ~/x", cmd, env=env_with_repo({"HOME": str(home)}))
+    assert proc.returncode == 0, proc.stderr
+    assert open_run(str(home / "x" / "quickstart.h5")).complete
+    assert not (REPO / "~").exists()
