@@ -91,6 +91,10 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def fmt_ratio(r: float) -> str:
+    return f"x{r:.1f}" if np.isfinite(r) else "x-"  # NaN: nothing was sent
+
+
 def output_path(cfg: config.Config, overwrite: bool, resume: bool = False) -> str:
     """Rank 0, before any slow work: probe the output folders, claim the run file for this
     job (fedmpi.outputs: a second job with this run.name is refused), check it."""
@@ -300,9 +304,10 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         diverged.update({cid: 3 for cid, u in updates.items() if not bool(torch.isfinite(u).all())})
         for cid in diverged:
             updates.pop(cid, None)
+        at = f"round {rnd + 1}/{cfg.run.rounds}"  # as the round's console line numbers it
         if diverged and (cfg.run.on_divergence == "stop" or not updates):
             cid = min(diverged)
-            stopped = (f"round {rnd}: client {cid}: {DIVERGED[diverged[cid]]} is not finite"
+            stopped = (f"{at}: client {cid}: {DIVERGED[diverged[cid]]} is not finite"
                        f" ({len(diverged)} client(s) diverged; run.on_divergence = "
                        f"{cfg.run.on_divergence!r})")
         elif updates:
@@ -311,7 +316,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             down_link.server_step(server.params, step, rnd, server.model)
             estimator.server_round_end(before, server.params, rnd, server.model)
             if not bool(torch.isfinite(server.params).all()):
-                stopped = f"round {rnd}: the global model is not finite"
+                stopped = f"{at}: the global model is not finite"
             step = before = None
         aggregated = bool(updates)
         updates = gathered = None  # a round's decoded updates go before the next decodes
@@ -320,6 +325,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         acc = loss = float("nan")
         if (rnd + 1) % cfg.eval.every == 0 or last or stopped:
             acc, loss = server.evaluate()
+            stopped = stopped or test_loss_diverged(loss, at)
         t3 = time.perf_counter()
         sharp_row = {}
         if cfg.eval.sharpness_every and ((rnd + 1) % cfg.eval.sharpness_every == 0 or last):
@@ -358,7 +364,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             "uplink_bytes": c.uplink, "uplink_payload_bytes": int(sum(sizes)),
             "downlink_bytes": c.downlink, "downlink_payload_bytes": down_client_bytes,
             "meta_bytes": c.meta,
-            "compression_ratio_up": compressor.dense_bytes() * len(wire) / max(1, c.uplink),
+            "compression_ratio_up": uplink_ratio(compressor.dense_bytes(), len(sent), c.uplink),
             "compression_ratio_down": (4 * model.d / per_broadcast if per_broadcast
                                        else float("nan")),
             "efficiency_mean": float(np.nanmean(by_id[:, 4])) if aggregated else float("nan"),
@@ -372,7 +378,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         if not args.quiet:
             print(f"round {rnd + 1:4d}/{cfg.run.rounds}  acc {acc:.4f}  loss {loss:.4f}  "
                   f"train {row['train_loss']:.4f}  up {fmt_bytes(c.uplink)} "
-                  f"(x{row['compression_ratio_up']:.1f})  down {fmt_bytes(c.downlink)}  "
+                  f"({fmt_ratio(row['compression_ratio_up'])})  down {fmt_bytes(c.downlink)}  "
                   f"{round_time:.2f} s", flush=True)
         if stopped:
             print(f"fedmpi: stopping: {stopped}", file=sys.stderr, flush=True)
@@ -400,6 +406,20 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         if history:
             print_summary(cfg, history, path)
     return int(t.bcast_object(code))
+
+
+def test_loss_diverged(loss: float, at: str) -> str | None:
+    """Why the run stops when the global model's test loss is NaN / Inf (whatever
+    run.on_divergence says: "skip" leaves out diverged clients, not a diverged model)."""
+    if np.isfinite(loss):
+        return None
+    return f"{at}: the global model's test loss is not finite ({loss})"
+
+
+def uplink_ratio(dense_bytes: int, senders: int, uplink: int) -> float:
+    """Dense fp32 bytes of the clients that sent an update / the bytes they sent; NaN when
+    nothing was sent (every participant diverged), not dense / 1 byte."""
+    return dense_bytes * senders / uplink if uplink else float("nan")
 
 
 def pss_mb() -> float:

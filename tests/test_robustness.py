@@ -431,3 +431,40 @@ def test_out_dir_with_a_tilde_is_expanded(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert open_run(str(home / "x" / "quickstart.h5")).complete
     assert not (REPO / "~").exists()
+
+
+# ---------------------------------------------------------------- divergence bookkeeping
+
+
+def test_nan_test_loss_stops_a_run_that_skips_diverged_clients(tmp_path):
+    """Client 1 sends 1e30s in round 3: every update is finite, so nothing is skipped, but
+    the global model's test loss overflows. That is the model diverging: the run stops
+    in that round (it went on to round 4 before, test loss NaN, no divergence counted)."""
+    env = env_with_repo({"FEDMPI_TEST_FAULT": "huge:1:2"})
+    proc, took = timed("NaN test loss, run.on_divergence = skip",
+                       train_cmd(2, tmp_path, ["--set", "run.rounds=6", "--set",
+                                               "run.on_divergence=skip"], faulty=True), env=env)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "fedmpi: stopping: round 3/6: the global model's test loss is not finite" in (
+        proc.stderr)
+    run = open_run(str(tmp_path / "run.h5"))
+    assert len(run) == 3 and not run.complete and "test loss" in run.attrs["stopped"]
+    assert not np.isfinite(run.rounds["test_loss"][2])
+
+
+def test_round_where_every_client_diverged_prints_no_ratio(tmp_path):
+    """Every client's update is NaN in round 3 (skip): nothing is sent, so the line says
+    "up 0 B (x-)" (it printed dense bytes / 1 B), and the stop message numbers the round
+    as the console does ("round 3/6", it said "round 2")."""
+    env = env_with_repo({"FEDMPI_TEST_FAULT": "nan:-1:2"})
+    cmd = [a for a in train_cmd(2, tmp_path, ["--set", "run.rounds=6", "--set",
+                                              "run.on_divergence=skip"], faulty=True)
+           if a != "--quiet"]
+    proc, took = timed("every client diverged", cmd, env=env)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("round    3/6"))
+    assert "up 0 B (x-)" in line, line
+    assert "fedmpi: stopping: round 3/6: client 0: client update is not finite" in proc.stderr
+    run = open_run(str(tmp_path / "run.h5"))
+    assert np.isnan(run.rounds["compression_ratio_up"][2])
+    assert np.isfinite(run.rounds["compression_ratio_up"][:2]).all()
