@@ -422,6 +422,19 @@ def _read(f: h5py.File) -> tuple[dict, dict, dict, np.ndarray]:
     return attrs, rounds, clients, f["partition"][()]
 
 
+def verify_complete(path: str, rows: int) -> None:
+    """After a run: the file must read back complete with ``rows`` rows, or the run is not
+    reported as a success (RunWriteError)."""
+    try:
+        run = open_run(path)
+    except RunFileError as exc:
+        raise RunWriteError(f"{path}: the run finished but its file does not read back "
+                            f"({exc})") from None
+    if not run.complete or len(run) != rows:
+        raise RunWriteError(f"{path}: the run finished but its file reads back with "
+                            f"{len(run)} of {rows} rounds, complete = {run.complete}")
+
+
 def open_run(path: str) -> Run:
     """Read a run file, finished, running or crashed; a file that cannot be read (missing,
     truncated, corrupt, not a run file) raises :class:`RunFileError` naming it, within

@@ -403,6 +403,8 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             attrs["stopped"] = stopped
             code = 3
         writer.close(complete=code == 0, attrs=attrs)
+        if code == 0:  # success only for a file that reads back complete
+            metrics.verify_complete(path, cfg.run.rounds)
         if history:
             print_summary(cfg, history, path)
     return int(t.bcast_object(code))

@@ -130,6 +130,21 @@ def test_damaged_run_file_fails_fast_in_every_reader(tmp_path, how, crash):
         assert took < HANG
 
 
+def test_success_needs_a_file_that_reads_back_complete(tmp_path):
+    """fedmpi.train reports success (exit 0) only after the file reads back complete with
+    every round: a file another writer spoiled, or one short of rows, is an error."""
+    from fedmpi.metrics import RunWriteError, verify_complete
+
+    path = tmp_path / "run.h5"
+    write_run(path, small_config(tmp_path, "run"), rows=3)
+    verify_complete(str(path), 3)
+    with pytest.raises(RunWriteError, match="reads back with 3 of 4 rounds"):
+        verify_complete(str(path), 4)
+    damage(path, "truncated")
+    with pytest.raises(RunWriteError, match="does not read back"):
+        verify_complete(str(path), 3)
+
+
 def write_sweep(path: Path, out_dir: Path) -> Path:
     path.write_text(f"""
 [run]
