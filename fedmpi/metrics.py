@@ -17,13 +17,13 @@ a normal open and falls back to that, so a crashed run stays readable.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import os
 import re
 import subprocess
 import sys
-import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -87,7 +87,9 @@ def _fill(dtype: str, name: str = "") -> Any:
 
 class RunWriteError(RuntimeError):
     """Writing the run file failed (a full disk, a lost mount): one message naming the
-    file, the round and the OS error; the rows flushed before stay readable."""
+    file, the round and the OS error; the rows flushed before stay readable. HDF5 cannot
+    finish such a file, and tries again when the interpreter shuts down (a SIGSEGV on a
+    full disk): end the process with ``os._exit``, as fedmpi.train does."""
 
 
 #: file handles of writers that failed: kept alive so that h5py never tries (and fails,
@@ -111,9 +113,12 @@ def _quiet_h5py_dealloc(unraisable) -> None:
 def _quiet_h5py_traceback(kind, value, tb) -> None:
     """sys.excepthook likewise: h5py's destructors print their error's traceback through
     it (Cython's PyErr_PrintEx) before the unraisable hook is called."""
-    if tb is None or not any("h5py" in f.filename and "_objects" in f.filename
-                             for f in traceback.extract_tb(tb)):
-        sys.__excepthook__(kind, value, tb)
+    t = tb  # (no traceback module: this also runs while the interpreter shuts down)
+    while t is not None:
+        if "h5py" in t.tb_frame.f_code.co_filename:
+            return
+        t = t.tb_next
+    sys.__excepthook__(kind, value, tb)
 
 
 def _go_quiet() -> None:
@@ -172,10 +177,18 @@ class RunWriter:
         # superblock has no "open for write" flag, so a crashed writer leaves it readable
         self.libver = "latest" if swmr else None
         self.f = None
+        self._guarded("creating it", lambda watch: self._create(
+            cfg, mpi_size, num_clients, partition, attrs, swmr, watch))
+
+    def _guarded(self, doing: str, step) -> None:
+        """``step(watch)``; a write error, raised or only reported by an h5py destructor
+        (:class:`_Watch`), becomes one RunWriteError saying what was being done."""
         try:
-            self._create(cfg, mpi_size, num_clients, partition, attrs, swmr)
+            with _Watch() as watch:
+                step(watch)
+                watch.check()
         except (OSError, RuntimeError) as exc:
-            raise self._failed("creating it", exc) from None
+            raise self._failed(doing, exc) from None
 
     def _failed(self, doing: str, exc: BaseException) -> RunWriteError:
         """The error for a failed write; the file handle is parked, never touched again."""
@@ -186,7 +199,7 @@ class RunWriter:
         return RunWriteError(f"{self.path}: {doing} failed: {_errno_text(exc)}; the rounds "
                              "written before are in the file")
 
-    def _create(self, cfg, mpi_size, num_clients, partition, attrs, swmr) -> None:
+    def _create(self, cfg, mpi_size, num_clients, partition, attrs, swmr, watch) -> None:
         path = self.path
         self.f = _h5py().File(path, "w", libver=self.libver)
         a = self.f.attrs
@@ -202,13 +215,17 @@ class RunWriter:
         for name, dt in ROUND_METRICS.items():
             g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(256,),
                              fillvalue=_fill(dt, name))
+            watch.check()
         g = self.f.create_group("clients")
         chunk = (max(1, min(64, 65536 // max(1, num_clients))), num_clients)
         for name, dt in CLIENT_METRICS.items():
             g.create_dataset(name, shape=(0, num_clients), maxshape=(None, num_clients),
                              dtype=dt, chunks=chunk, fillvalue=_fill(dt))
+            watch.check()
+        del g
         self.f.create_dataset("partition", data=np.asarray(partition, dtype=np.int64))
         self.f.flush()
+        watch.check()
         if swmr:
             self.f.swmr_mode = True
 
@@ -229,12 +246,17 @@ class RunWriter:
         keep["resumed_at_rounds"] = np.append(
             np.asarray(old.attrs.get("resumed_at_rounds", []), dtype=np.int64), rows)
         tmp = f"{path}.tmp"
-        w = cls(tmp, cfg, mpi_size, int(old.attrs["num_clients"]), old.partition,
-                attrs=keep, swmr=swmr)
-        for i in range(rows):
-            w.append({k: v[i] for k, v in old.rounds.items() if k in ROUND_METRICS},
-                     {k: v[i] for k, v in old.clients.items() if k in CLIENT_METRICS})
-        w.f.close()
+        try:
+            w = cls(tmp, cfg, mpi_size, int(old.attrs["num_clients"]), old.partition,
+                    attrs=keep, swmr=swmr)
+            for i in range(rows):
+                w.append({k: v[i] for k, v in old.rounds.items() if k in ROUND_METRICS},
+                         {k: v[i] for k, v in old.clients.items() if k in CLIENT_METRICS})
+            w._guarded("closing the copy of the kept rounds", lambda watch: w.f.close())
+        except BaseException:  # (a full disk) the old file is untouched; no stray copy
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
         os.replace(tmp, path)
         w.path, w.libver = path, ("latest" if swmr else None)
         w.f = _h5py().File(path, "r+", libver=w.libver)
@@ -248,12 +270,8 @@ class RunWriter:
             raise KeyError(f"metrics not declared in the run file schema: {sorted(unknown)}")
         if self.f is None:
             raise RunWriteError(f"{self.path}: the file failed before; nothing more is written")
-        try:
-            with _Watch() as watch:
-                self._append(row, clients, watch)
-        except (OSError, RuntimeError) as exc:
-            raise self._failed(f"writing round {int(row.get('round', self.rows)) + 1}",
-                               exc) from None
+        self._guarded(f"writing round {int(row.get('round', self.rows)) + 1}",
+                      lambda watch: self._append(row, clients, watch))
 
     def _append(self, row: dict[str, Any], clients: dict[str, np.ndarray],
                 watch: _Watch) -> None:
@@ -278,20 +296,22 @@ class RunWriter:
     def close(self, complete: bool, attrs: dict[str, Any] | None = None) -> None:
         """Close the file, reopen it outside SWMR, add ``attrs`` (per-rank peak RSS, why a
         run stopped, ...), then, with ``complete``, set ``complete`` last."""
-        try:
+        def finish(watch: _Watch) -> None:
             if self.f:
                 self.f.close()
                 self.f = None
+                watch.check()
             self.f = f = _h5py().File(self.path, "r+", libver=self.libver)
             for k, v in (attrs or {}).items():
                 f.attrs[k] = v
             if complete:
                 f.flush()
+                watch.check()
                 f.attrs["complete"] = True
             f.close()
             self.f = None
-        except (OSError, RuntimeError) as exc:
-            raise self._failed("closing it", exc) from None
+
+        self._guarded("closing it", finish)
 
 
 @dataclass

@@ -377,6 +377,35 @@ def test_full_disk_while_writing_the_run_file(tiny_fs):
     assert np.isfinite(run.rounds["test_acc"]).all()
 
 
+RESUME = """
+import os, sys
+from fedmpi import config
+from fedmpi.metrics import RunWriter, RunWriteError
+cfg = config.loads(open(sys.argv[2]).read())
+try:
+    RunWriter.resume(sys.argv[1], 3, cfg, 1)
+except RunWriteError as exc:
+    print(exc, flush=True)
+os._exit(0)  # as fedmpi.train ends: HDF5 must not try to finish the file at shutdown
+"""
+
+
+def test_full_disk_while_resuming_leaves_no_copy(tiny_fs):
+    """--resume copies the kept rows into <run>.h5.tmp: on a full disk that fails with the
+    message, and neither the copy nor a change to the run file is left."""
+    cfg = small_config(tiny_fs, "run")
+    path = tiny_fs / "run.h5"
+    write_run(path, cfg, rows=3)
+    (tiny_fs / "cfg.toml").write_text(config.to_toml(cfg))
+    before = path.read_bytes()
+    proc, took = timed("disk full while resuming",
+                       [sys.executable, "-c", RESUME, str(path), str(tiny_fs / "cfg.toml")])
+    assert "No space left on device (ENOSPC)" in proc.stdout, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tiny_fs.iterdir()) == ["cfg.toml", "run.h5"]
+    assert path.read_bytes() == before
+
+
 def test_full_disk_while_checkpointing(tmp_path, tiny_fs):
     """The checkpoint goes to the full tmpfs (the run file elsewhere): one message, exit 1,
     no .ckpt.tmp left behind."""
