@@ -237,7 +237,10 @@ class RunWriter:
         The rows are copied into a fresh file that then replaces the old one (atomically),
         which also revives a file whose SWMR writer crashed (those open read-only).
         """
-        old = open_run(path)
+        try:  # (--resume checked the file on every rank's behalf; this is rank 0 alone)
+            old = open_run(path)
+        except RunFileError as exc:
+            raise RunWriteError(str(exc)) from None
         if len(old) < rows:
             raise ValueError(f"{path} has {len(old)} rows, the checkpoint needs {rows}")
         keep = {k: v for k, v in old.attrs.items()

@@ -325,7 +325,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         acc = loss = float("nan")
         if (rnd + 1) % cfg.eval.every == 0 or last or stopped:
             acc, loss = server.evaluate()
-            stopped = stopped or test_loss_diverged(loss, at)
+            stopped = stopped or diverged_test_loss(loss, at)
         t3 = time.perf_counter()
         sharp_row = {}
         if cfg.eval.sharpness_every and ((rnd + 1) % cfg.eval.sharpness_every == 0 or last):
@@ -410,7 +410,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
     return int(t.bcast_object(code))
 
 
-def test_loss_diverged(loss: float, at: str) -> str | None:
+def diverged_test_loss(loss: float, at: str) -> str | None:
     """Why the run stops when the global model's test loss is NaN / Inf (whatever
     run.on_divergence says: "skip" leaves out diverged clients, not a diverged model)."""
     if np.isfinite(loss):
