@@ -112,10 +112,15 @@ class _Hashing:
 
     def __init__(self, fh):
         self.fh, self.sha = fh, hashlib.sha256()
+        self.error: OSError | None = None  #: a failed write (torch reports only its own)
 
     def write(self, data) -> int:
         self.sha.update(data)
-        return self.fh.write(data)
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
 
     def flush(self) -> None:
         self.fh.flush()
@@ -151,6 +156,7 @@ def save(path: str, state: dict[str, Any]) -> None:
     """Write ``state`` with a checksum of its bytes to ``<path>.tmp``, fsync, rename. A
     write that fails (a full disk) removes the ``.tmp`` and raises CheckpointError."""
     tmp = f"{path}.tmp"
+    hashing = None
     try:
         with open(tmp, "wb") as fh:
             fh.write(_header("0" * 64))
@@ -165,7 +171,8 @@ def save(path: str, state: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         if isinstance(exc, (OSError, RuntimeError)):  # torch reports write errors as these
-            raise CheckpointError(f"checkpoint {path}: writing it failed ({exc}); the "
+            cause = hashing.error if hashing is not None and hashing.error else exc
+            raise CheckpointError(f"checkpoint {path}: writing it failed ({cause}); the "
                                   "previous checkpoint, if any, is intact") from None
         raise
 

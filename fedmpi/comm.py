@@ -1,12 +1,13 @@
 """MPI transport: the only module that imports mpi4py.
 
-Round-loop traffic uses buffer-mode uppercase collectives only (no pickling, no padding):
+Round-loop traffic is buffer-mode and uppercase only (no pickling, no padding):
 
 * ``bcast_header``  -- a small int64 round header (control bits, sizes, participants),
                        rank 0 -> all;
 * ``bcast_payload`` -- the downlink payload bytes (``MPI.BYTE``), rank 0 -> all;
 * ``gather_meta``   -- one fixed-size float64 record per rank (payload sizes and telemetry
-                       that is *not* part of the counted payload), all -> rank 0;
+                       that is *not* part of the counted payload), all -> rank 0 (with
+                       polled waits point to point, so rank 0 knows who has reported);
 * ``gatherv_payloads`` -- the concatenated raw payload bytes of every rank's participating
                        clients (``MPI.BYTE``, exact per-rank counts), all -> rank 0.
 
@@ -21,6 +22,10 @@ nonblocking and polled with ``Test`` and a sleep that doubles from 20 us up to
 ``mpi_poll_max_ms``, so a rank that waits (the server while clients train, a client rank
 while others finish) yields its core instead of spinning; MPICH's blocking collectives
 busy-poll. ``"block"`` uses the blocking calls.
+
+A polled wait of the round loop gives up after ``wait_limit`` seconds (``run.round_timeout``,
+:class:`RoundLimit`) with :class:`WaitTimeout`, which names the ranks that did not report;
+fedmpi.train then aborts the job, so a frozen rank cannot hold it for ever.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ def _displacements(counts: np.ndarray) -> np.ndarray:
     return displs
 
 
+#: seconds a rank waits between printing why it aborts and MPI_Abort (``Transport.abort``)
+ABORT_GRACE = 1.0
 #: tag of the per-rank round records (``gather_meta``, point to point when polled)
 TAG_META = 31
 
@@ -232,7 +239,7 @@ class Transport:
         """Gather one equal-length float64 record per rank; rank 0 gets (size, len).
 
         Polled (``mpi_wait = "sleep"``): point to point, into the receives that
-        ``begin_round`` posted (posted here if it was not called), so that rank 0 knows
+        ``expect_records`` posted (posted here if it was not called), so that rank 0 knows
         which ranks have reported; ``"block"``: one ``MPI_Gather``."""
         assert record.dtype == np.float64
         if self.wait_mode == "block" or self.size == 1:
@@ -347,6 +354,10 @@ class Transport:
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # MPI_Abort has mpiexec kill the job at once, and the lines this rank just wrote
+        # may still sit in the launcher's pipes (seen on a loaded machine: the error
+        # message lost, only the exit status left); give them a moment to get through
+        time.sleep(ABORT_GRACE)
         self.comm.Abort(code)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import types
 import typing
@@ -35,6 +36,11 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------- sections
+
+#: longest run.name in bytes: its files (<name>.h5.lock, <name>.ckpt.tmp) must fit 255
+MAX_NAME_BYTES = 240
+#: path keys: a leading ~ is expanded (os.path.expanduser) when a config is built
+PATH_KEYS = (("run", "out_dir"), ("data", "root"), ("checkpoint", "path"))
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,12 @@ class RunConfig:
     tensorboard: bool = False
 
     def validate(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "run.name", "must be a file name")
+        _require(bool(self.name) and "/" not in self.name
+                 and not any(ord(c) < 32 or ord(c) == 127 for c in self.name), "run.name",
+                 f"must be a file name, without '/' or control characters (got {self.name!r})")
+        _require(len(self.name.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES, "run.name",
+                 f"must be at most {MAX_NAME_BYTES} bytes (<name>.ckpt.tmp must fit a file "
+                 f"name's 255)")
         _positive(self, "run", "rounds")
         _require(self.seed >= 0, "run.seed", f"must be >= 0 (got {self.seed})")
         _require(self.threads >= 0, "run.threads", f"must be >= 0 (got {self.threads})")
@@ -501,11 +512,24 @@ def _build_compressor(table: dict[str, Any]) -> CompressorConfig:
     return dataclasses.replace(base, name=name, params=params)
 
 
+def _expand_paths(raw: dict[str, Any]) -> dict[str, Any]:
+    """``~`` and ``~user`` at the start of a path key expanded (a literal "~" folder is
+    never what a config means)."""
+    out = dict(raw)
+    for section, key in PATH_KEYS:
+        table = out.get(section)
+        if isinstance(table, dict) and isinstance(table.get(key), str):
+            _require("\0" not in table[key], f"{section}.{key}", "must not contain a NUL byte")
+            out[section] = {**table, key: os.path.expanduser(table[key])}
+    return out
+
+
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a parsed TOML document."""
     for k in raw:
         if k not in SECTIONS:
             raise ConfigError(k, f"unknown section; known sections: {', '.join(SECTIONS)}")
+    raw = _expand_paths(raw)
     sections = {}
     for name, cls in SECTIONS.items():
         table = raw.get(name, {})
@@ -605,6 +629,14 @@ def load(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Confi
                 raw = tomllib.load(fh)
         except FileNotFoundError:
             raise ConfigError(path, "config file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(path, "is a directory, not a config file") from None
+        except OSError as exc:
+            raise ConfigError(path, f"cannot read the config file ({exc.strerror or exc})"
+                              ) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(path, f"not a TOML text file (byte {exc.start} is not UTF-8)"
+                              ) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(path, f"TOML syntax error: {exc}") from None
     name = run_name(path, raw, overrides)

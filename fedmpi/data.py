@@ -280,7 +280,47 @@ def synthetic_client(cfg: DataConfig, seed: int, client: int) -> tuple[np.ndarra
     return x.astype(np.float32), y.astype(np.int64)
 
 
+def available_memory() -> int:
+    """Bytes of memory this process could still get: MemAvailable (Linux), else the
+    physical memory; 0 where neither is known."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def synthetic_bytes(cfg: DataConfig) -> int:
+    """The memory generating the synthetic set takes, estimated before it is generated:
+    the clients' mean sample count (from 4,096 draws of the size distribution) x the
+    bytes of a sample in the float64 draw, its float32 copy and the joined splits."""
+    rng = np.random.default_rng(0)
+    n = np.floor(rng.lognormal(4, 2, 4096)) + cfg.syn_min_samples
+    if cfg.syn_max_samples:
+        n = np.minimum(n, cfg.syn_max_samples)
+    per_sample = cfg.syn_dim * (8 + 4 + 4) + 8 + 8
+    return int(float(np.mean(n)) * cfg.num_clients * per_sample)
+
+
+def check_synthetic_size(cfg: DataConfig) -> None:
+    """Refuse a synthetic set that cannot fit in memory, before generating any of it (10^9
+    clients would generate for minutes and end in a MemoryError)."""
+    need, have = synthetic_bytes(cfg), available_memory()
+    if have and need > have:
+        raise DataError(f"data.num_clients: {cfg.num_clients:,} synthetic clients of "
+                        f"~{need / cfg.num_clients / 1e3:.0f} KB each need ~{need / 1e9:,.1f} "
+                        f"GB of memory to generate, {have / 1e9:,.1f} GB are available; use "
+                        "fewer clients, data.syn_max_samples or data.syn_dim")
+
+
 def _load_synthetic(cfg: DataConfig, seed: int) -> LoadedData:
+    check_synthetic_size(cfg)
     info = _synthetic_info(cfg)
     train_x, train_y, test_x, test_y, natural = [], [], [], [], []
     offset = 0

@@ -17,10 +17,13 @@ a normal open and falls back to that, so a crashed run stays readable.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -88,8 +91,89 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _fill(dtype: str) -> Any:
-    return np.nan if dtype.startswith("f") else 0
+def _fill(dtype: str, name: str = "") -> Any:
+    # "round" reads -1 in a row that was resized but never written (a writer that died or
+    # failed mid-row): open_run leaves such trailing rows out (row i holds round i)
+    return np.nan if dtype.startswith("f") else (-1 if name == "round" else 0)
+
+
+class RunWriteError(RuntimeError):
+    """Writing the run file failed (a full disk, a lost mount): one message naming the
+    file, the round and the OS error; the rows flushed before stay readable. HDF5 cannot
+    finish such a file, and tries again when the interpreter shuts down (a SIGSEGV on a
+    full disk): end the process with ``os._exit``, as fedmpi.train does."""
+
+
+#: file handles of writers that failed: kept alive so that h5py never tries (and fails,
+#: noisily, on a full disk) to flush and close them while the process ends
+_broken: list[Any] = []
+
+
+def _from_h5py(unraisable) -> bool:
+    return "h5py" in repr(getattr(unraisable, "object", "")) or "id ref count" in str(
+        getattr(unraisable, "exc_value", ""))
+
+
+def _quiet_h5py_dealloc(unraisable) -> None:
+    """sys.unraisablehook after a failed write: h5py's object destructors retry the
+    failed write and report each failure ("Exception ignored in ... __dealloc__", ~190
+    lines on a full disk); the one RunWriteError says it all."""
+    if not _from_h5py(unraisable):
+        sys.__unraisablehook__(unraisable)
+
+
+def _quiet_h5py_traceback(kind, value, tb) -> None:
+    """sys.excepthook likewise: h5py's destructors print their error's traceback through
+    it (Cython's PyErr_PrintEx) before the unraisable hook is called."""
+    t = tb  # (no traceback module: this also runs while the interpreter shuts down)
+    while t is not None:
+        if "h5py" in t.tb_frame.f_code.co_filename:
+            return
+        t = t.tb_next
+    sys.__excepthook__(kind, value, tb)
+
+
+def _go_quiet() -> None:
+    sys.unraisablehook, sys.excepthook = _quiet_h5py_dealloc, _quiet_h5py_traceback
+
+
+class _Watch:
+    """While writing: h5py reports a write that fails inside an object's destructor (a
+    dataset handle released between two writes flushes its chunk) as an unraisable
+    error that is printed and dropped, and HDF5 goes on, into a crash (SIGSEGV) on a full
+    disk. This hook keeps such errors; :meth:`check` raises the first one."""
+
+    def __enter__(self) -> _Watch:
+        self.errors: list[BaseException] = []
+        self.previous = sys.unraisablehook, sys.excepthook
+        sys.unraisablehook, sys.excepthook = self._hook, _quiet_h5py_traceback
+        return self
+
+    def _hook(self, unraisable) -> None:
+        if _from_h5py(unraisable):
+            self.errors.append(unraisable.exc_value)
+        else:
+            self.previous[0](unraisable)
+
+    def check(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+    def __exit__(self, kind, *_) -> None:
+        sys.unraisablehook, sys.excepthook = self.previous
+        if kind is not None:  # after a failure, stay quiet: the destructors fail again
+            _go_quiet()
+
+
+def _errno_text(exc: BaseException) -> str:
+    """``[Errno 28] No space left on device (ENOSPC)`` from an h5py error, else its text."""
+    code = getattr(exc, "errno", None)
+    m = re.search(r"errno = (\d+)", str(exc))
+    if code is None and m:
+        code = int(m.group(1))
+    if code:
+        return f"[Errno {code}] {os.strerror(code)} ({errno.errorcode.get(code, '?')})"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 class RunWriter:
@@ -104,6 +188,31 @@ class RunWriter:
         # SWMR needs the latest file format; without SWMR keep the default format, whose
         # superblock has no "open for write" flag, so a crashed writer leaves it readable
         self.libver = "latest" if swmr else None
+        self.f = None
+        self._guarded("creating it", lambda watch: self._create(
+            cfg, mpi_size, num_clients, partition, attrs, swmr, watch))
+
+    def _guarded(self, doing: str, step) -> None:
+        """``step(watch)``; a write error, raised or only reported by an h5py destructor
+        (:class:`_Watch`), becomes one RunWriteError saying what was being done."""
+        try:
+            with _Watch() as watch:
+                step(watch)
+                watch.check()
+        except (OSError, RuntimeError) as exc:
+            raise self._failed(doing, exc) from None
+
+    def _failed(self, doing: str, exc: BaseException) -> RunWriteError:
+        """The error for a failed write; the file handle is parked, never touched again."""
+        if self.f is not None:
+            _broken.append(self.f)
+            self.f = None
+        _go_quiet()
+        return RunWriteError(f"{self.path}: {doing} failed: {_errno_text(exc)}; the rounds "
+                             "written before are in the file")
+
+    def _create(self, cfg, mpi_size, num_clients, partition, attrs, swmr, watch) -> None:
+        path = self.path
         self.f = _h5py().File(path, "w", libver=self.libver)
         a = self.f.attrs
         a["fedmpi_version"] = fedmpi.__version__
@@ -117,14 +226,18 @@ class RunWriter:
         g = self.f.create_group("rounds")
         for name, dt in ROUND_METRICS.items():
             g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(256,),
-                             fillvalue=_fill(dt))
+                             fillvalue=_fill(dt, name))
+            watch.check()
         g = self.f.create_group("clients")
         chunk = (max(1, min(64, 65536 // max(1, num_clients))), num_clients)
         for name, dt in CLIENT_METRICS.items():
             g.create_dataset(name, shape=(0, num_clients), maxshape=(None, num_clients),
                              dtype=dt, chunks=chunk, fillvalue=_fill(dt))
+            watch.check()
+        del g
         self.f.create_dataset("partition", data=np.asarray(partition, dtype=np.int64))
         self.f.flush()
+        watch.check()
         if swmr:
             self.f.swmr_mode = True
 
@@ -136,7 +249,10 @@ class RunWriter:
         The rows are copied into a fresh file that then replaces the old one (atomically),
         which also revives a file whose SWMR writer crashed (those open read-only).
         """
-        old = open_run(path)
+        try:  # (--resume checked the file on every rank's behalf; this is rank 0 alone)
+            old = open_run(path)
+        except RunFileError as exc:
+            raise RunWriteError(str(exc)) from None
         if len(old) < rows:
             raise ValueError(f"{path} has {len(old)} rows, the checkpoint needs {rows}")
         keep = {k: v for k, v in old.attrs.items()
@@ -145,12 +261,17 @@ class RunWriter:
         keep["resumed_at_rounds"] = np.append(
             np.asarray(old.attrs.get("resumed_at_rounds", []), dtype=np.int64), rows)
         tmp = f"{path}.tmp"
-        w = cls(tmp, cfg, mpi_size, int(old.attrs["num_clients"]), old.partition,
-                attrs=keep, swmr=swmr)
-        for i in range(rows):
-            w.append({k: v[i] for k, v in old.rounds.items() if k in ROUND_METRICS},
-                     {k: v[i] for k, v in old.clients.items() if k in CLIENT_METRICS})
-        w.f.close()
+        try:
+            w = cls(tmp, cfg, mpi_size, int(old.attrs["num_clients"]), old.partition,
+                    attrs=keep, swmr=swmr)
+            for i in range(rows):
+                w.append({k: v[i] for k, v in old.rounds.items() if k in ROUND_METRICS},
+                         {k: v[i] for k, v in old.clients.items() if k in CLIENT_METRICS})
+            w._guarded("closing the copy of the kept rounds", lambda watch: w.f.close())
+        except BaseException:  # (a full disk) the old file is untouched; no stray copy
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
         os.replace(tmp, path)
         w.path, w.libver = path, ("latest" if swmr else None)
         w.f = _h5py().File(path, "r+", libver=w.libver)
@@ -162,30 +283,50 @@ class RunWriter:
         unknown = set(row) - set(ROUND_METRICS) | set(clients) - set(CLIENT_METRICS)
         if unknown:
             raise KeyError(f"metrics not declared in the run file schema: {sorted(unknown)}")
+        if self.f is None:
+            raise RunWriteError(f"{self.path}: the file failed before; nothing more is written")
+        self._guarded(f"writing round {int(row.get('round', self.rows)) + 1}",
+                      lambda watch: self._append(row, clients, watch))
+
+    def _append(self, row: dict[str, Any], clients: dict[str, np.ndarray],
+                watch: _Watch) -> None:
         n = self.rows + 1
-        for name, dt in ROUND_METRICS.items():
-            ds = self.f["rounds"][name]
-            ds.resize((n,))
-            ds[n - 1] = row.get(name, _fill(dt))
         for name, dt in CLIENT_METRICS.items():
             ds = self.f["clients"][name]
             ds.resize((n, self.num_clients))
             ds[n - 1] = clients.get(name, np.full(self.num_clients, _fill(dt)))
-        self.rows = n
+            watch.check()
+        # the round number last: a row whose "round" is not its index was never finished
+        for name, dt in [*((k, d) for k, d in ROUND_METRICS.items() if k != "round"),
+                         ("round", ROUND_METRICS["round"])]:
+            ds = self.f["rounds"][name]
+            ds.resize((n,))
+            ds[n - 1] = row.get(name, _fill(dt))
+            watch.check()
+        del ds
         self.f.flush()
+        watch.check()
+        self.rows = n
 
     def close(self, complete: bool, attrs: dict[str, Any] | None = None) -> None:
         """Close the file, reopen it outside SWMR, add ``attrs`` (per-rank peak RSS, why a
         run stopped, ...), then, with ``complete``, set ``complete`` last."""
-        if self.f:
-            self.f.close()
-            self.f = None
-        with _h5py().File(self.path, "r+", libver=self.libver) as f:
+        def finish(watch: _Watch) -> None:
+            if self.f:
+                self.f.close()
+                self.f = None
+                watch.check()
+            self.f = f = _h5py().File(self.path, "r+", libver=self.libver)
             for k, v in (attrs or {}).items():
                 f.attrs[k] = v
             if complete:
                 f.flush()
+                watch.check()
                 f.attrs["complete"] = True
+            f.close()
+            self.f = None
+
+        self._guarded("closing it", finish)
 
 
 @dataclass
@@ -268,8 +409,6 @@ def _swmr_open(path: str) -> h5py.File:
 def _probe_in_child(path: str, timeout: float = 60.0) -> None:
     """Where the retries cannot be bounded here, read ``path`` in a child process first:
     a damaged file then fails in ``timeout`` seconds instead of hanging this one."""
-    import sys
-
     code = ("import sys; from fedmpi.metrics import _read; import h5py; "
             "_read(h5py.File(sys.argv[1], 'r', libver='latest', swmr=True))")
     try:
@@ -314,11 +453,26 @@ def _read(f: h5py.File) -> tuple[dict, dict, dict, np.ndarray]:
     for old, new in LEGACY_NAMES.items():
         if old in rounds and new not in rounds:
             rounds[new] = rounds.pop(old)
-    n = min(len(v) for v in rounds.values())  # a live writer may be mid-row
+    n = min(len(v) for v in rounds.values())  # a live writer may be mid-row ...
+    while n and rounds["round"][n - 1] != n - 1:  # ... or a failed one left a row unfinished
+        n -= 1
     rounds = {k: v[:n] for k, v in rounds.items()}
     clients = {k: v[:n] for k, v in clients.items()}
     attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     return attrs, rounds, clients, f["partition"][()]
+
+
+def verify_complete(path: str, rows: int) -> None:
+    """After a run: the file must read back complete with ``rows`` rows, or the run is not
+    reported as a success (RunWriteError)."""
+    try:
+        run = open_run(path)
+    except RunFileError as exc:
+        raise RunWriteError(f"{path}: the run finished but its file does not read back "
+                            f"({exc})") from None
+    if not run.complete or len(run) != rows:
+        raise RunWriteError(f"{path}: the run finished but its file reads back with "
+                            f"{len(run)} of {rows} rounds, complete = {run.complete}")
 
 
 def open_run(path: str) -> Run:

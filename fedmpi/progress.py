@@ -97,7 +97,7 @@ class Progress:
             (3, f"loss {row['test_loss']:.4f}"),
             (5, f"train {row['train_loss']:.4f}"),
             (2, f"up {fmt_bytes(row['uplink_payload_bytes'])}"
-                + (f" (x{ratio:.1f})" if math.isfinite(ratio) else "")),
+                + (f" (x{ratio:.1f})" if math.isfinite(ratio) else " (x-)")),  # NaN: none sent
             (2, f"down {fmt_bytes(row['downlink_payload_bytes'])}"),
             (4, f"{row['time_round']:.2f} s"),
             (1, f"[{fmt_duration(row['wall_time'])}, ETA {fmt_duration(self.eta(rnd))}]"),

@@ -310,6 +310,7 @@ def expand(doc: dict[str, Any], name: str, source: str = "<sweep>") -> Sweep:
     out_dir = run_base.get("out_dir", os.path.join("runs", name))
     if not isinstance(out_dir, str):
         raise ConfigError("run.out_dir", "must be a string")
+    out_dir = os.path.expanduser(out_dir)  # as fedmpi.config does for the runs
     seeds = _list(sweep.get("seeds", [config.RunConfig.seed]), "sweep.seeds")
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise ConfigError("sweep.seeds", f"must be integers >= 0 (got {seeds})")

@@ -50,7 +50,7 @@ USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.ResumeError, FileE
                PermissionError, metrics.RunFileError)
 
 #: failures that end the job with one message and no traceback (exit 1, every rank ends)
-FATAL = (WaitTimeout, checkpoint.CheckpointError)
+FATAL = (WaitTimeout, checkpoint.CheckpointError, metrics.RunWriteError)
 
 
 class StopRun(Exception):
@@ -367,9 +367,10 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         diverged.update({cid: 3 for cid, u in updates.items() if not bool(torch.isfinite(u).all())})
         for cid in diverged:
             updates.pop(cid, None)
+        at = f"round {rnd + 1}/{cfg.run.rounds}"  # as the round's console line numbers it
         if diverged and (cfg.run.on_divergence == "stop" or not updates):
             cid = min(diverged)
-            stopped = (f"round {rnd}: client {cid}: {DIVERGED[diverged[cid]]} is not finite"
+            stopped = (f"{at}: client {cid}: {DIVERGED[diverged[cid]]} is not finite"
                        f" ({len(diverged)} client(s) diverged; run.on_divergence = "
                        f"{cfg.run.on_divergence!r})")
         elif updates:
@@ -380,7 +381,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             if meter is not None:
                 meter.previous = before  # w^t of this round: next round's w^{t-1}
             if not bool(torch.isfinite(server.params).all()):
-                stopped = f"round {rnd}: the global model is not finite"
+                stopped = f"{at}: the global model is not finite"
             step = before = None
         aggregated = bool(updates)
         updates = gathered = None  # a round's decoded updates go before the next decodes
@@ -391,6 +392,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
         if (rnd + 1) % cfg.eval.every == 0 or last or stopped:
             acc, loss = server.evaluate()
             client_acc = server.client_accuracy()
+            stopped = stopped or diverged_test_loss(loss, at)
         t3 = time.perf_counter()
         sharp_row = {}
         if cfg.eval.sharpness_every and ((rnd + 1) % cfg.eval.sharpness_every == 0 or last):
@@ -440,7 +442,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             "uplink_bytes": c.uplink, "uplink_payload_bytes": int(sum(sizes)),
             "downlink_payload_bytes": down_client_bytes,
             "transport_downlink_bytes": c.downlink, "transport_meta_bytes": c.meta,
-            "compression_ratio_up": compressor.dense_bytes() * len(wire) / max(1, c.uplink),
+            "compression_ratio_up": uplink_ratio(compressor.dense_bytes(), len(sent), c.uplink),
             "compression_ratio_down": (4 * model.d / per_broadcast if per_broadcast
                                        else float("nan")),
             "efficiency_mean": float(np.nanmean(by_id[:, 4])) if aggregated else float("nan"),
@@ -479,6 +481,8 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             attrs["stopped"] = stopped
             code = code or 3
         writer.close(complete=code == 0, attrs=attrs)
+        if code == 0:  # success only for a file that reads back complete
+            metrics.verify_complete(path, cfg.run.rounds)
         if board is not None:
             board.close()
         if history:
@@ -494,6 +498,20 @@ def checkpoint_due(ck: config.CheckpointConfig, rnd: int, first: int, since: flo
         return False
     return bool(ck.every and rnd % ck.every == 0) or bool(
         ck.every_seconds and since >= ck.every_seconds)
+
+
+def diverged_test_loss(loss: float, at: str) -> str | None:
+    """Why the run stops when the global model's test loss is NaN / Inf (whatever
+    run.on_divergence says: "skip" leaves out diverged clients, not a diverged model)."""
+    if np.isfinite(loss):
+        return None
+    return f"{at}: the global model's test loss is not finite ({loss})"
+
+
+def uplink_ratio(dense_bytes: int, senders: int, uplink: int) -> float:
+    """Dense fp32 bytes of the clients that sent an update / the bytes they sent; NaN when
+    nothing was sent (every participant diverged), not dense / 1 byte."""
+    return dense_bytes * senders / uplink if uplink else float("nan")
 
 
 def pss_mb() -> float:

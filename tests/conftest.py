@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -38,10 +39,25 @@ def run_train(tmp_path: Path, n: int = 1, args: list[str] = (), name: str = "run
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=str(REPO))
+    if check and killed_from_outside(proc):
+        # seen once in CI (-n 7): every rank finished ("done:"), then mpiexec reported one
+        # SIGKILLed by something outside the job; run it once more, and say so
+        warnings.warn(f"{' '.join(cmd)}: a rank was SIGKILLed after the run ended; rerun",
+                      stacklevel=2)
+        (tmp_path / f"{name}.h5").unlink(missing_ok=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=str(REPO))
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def killed_from_outside(proc: subprocess.CompletedProcess) -> bool:
+    """The job finished its run (rank 0 printed ``done:``) and yet mpiexec reports a rank
+    killed by SIGKILL: fedmpi never sends SIGKILL, so something outside the job did."""
+    return (proc.returncode == 9 and "\ndone: " in "\n" + proc.stdout
+            and "Killed (signal 9)" in proc.stdout + proc.stderr)
 
 
 def run_and_open(tmp_path: Path, n: int = 1, args: list[str] = (), name: str = "run"):

@@ -76,9 +76,9 @@ if kind == "killwrite" and rank == 0:
                 ds.resize((self.rows + 1,))
             self.f["rounds"]["test_acc"][self.rows] = 0.5
             os.kill(os.getpid(), signal.SIGKILL)
-        return metrics.RunWriter._append(self, row, clients)
+        return metrics.RunWriter.unfaulty_append(self, row, clients)
 
-    metrics.RunWriter._append = metrics.RunWriter.append
+    metrics.RunWriter.unfaulty_append = metrics.RunWriter.append
     metrics.RunWriter.append = append
 
 if kind in ("nan", "huge"):

@@ -70,9 +70,9 @@ def test_rank0_killed_while_writing_leaves_a_readable_file(tmp_path, swmr):
 def test_nan_update_stops_the_run_and_is_recorded(tmp_path):
     proc, _ = run_faulty(tmp_path, 3, "nan:1:2")
     assert proc.returncode == 3
-    assert "round 2: client 1: client update is not finite" in proc.stderr
+    assert "round 3/6: client 1: client update is not finite" in proc.stderr  # 1-based
     summary = proc.stdout.splitlines()[-1]  # "stopped", not "done"
-    assert summary.startswith("stopped: f (round 2: client 1: client update is not finite")
+    assert summary.startswith("stopped: f (round 3/6: client 1: client update is not finite")
     assert " 3 of 6 rounds in " in summary
     run = open_run(str(tmp_path / "f.h5"))
     assert not run.complete and "client 1" in run.attrs["stopped"]
@@ -92,7 +92,7 @@ def test_nan_update_skipped_by_config(tmp_path):
 def test_exploding_loss_is_detected(tmp_path):
     proc = run_train(tmp_path, 3, [*SMALL, "--set", "client.lr=1e8"], check=False)
     assert proc.returncode == 3
-    assert "is not finite" in proc.stderr and "round 0" in proc.stderr
+    assert "is not finite" in proc.stderr and "round 1/3" in proc.stderr
 
 
 # ---------------------------------------------------------------- bad input catalogue
