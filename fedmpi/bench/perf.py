@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from fedmpi import config, data, launch, metrics
+from fedmpi.bench import report
 from fedmpi.client import batch_schedule
 from fedmpi.config import ClientConfig, Config
 from fedmpi.layout import cores as usable_cores
@@ -581,6 +582,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default="", help="keep the run files here (default: a "
                    "temporary folder, removed)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per fedmpi run")
+    p.add_argument("--write", default="", metavar="FILE",
+                   help="also write the table into FILE's generated perf block (e.g. "
+                        "docs/performance.md; fedmpi.bench.report)")
     args = p.parse_args(argv)
     for key in ("rounds", "ref_rounds", "ref_threads", "max_ranks", "scaling_clients", "cores",
                 "bare_steps"):
@@ -655,5 +659,9 @@ def main(argv: list[str]) -> int:
                   scaling.num_clients, small, big, bare_torch, floor_init, floor_trained,
                   quick=q,
                   load=load0, settings=job.settings())
-    print(render(res), flush=True)
+    table = render(res)
+    print(table, flush=True)
+    if args.write:
+        report.write(args.write, "perf" + ("-quick" if q else ""),
+                     "python -m fedmpi.bench perf" + (" --quick" if q else ""), table)
     return 0

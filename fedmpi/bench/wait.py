@@ -20,6 +20,7 @@ import tempfile
 import numpy as np
 
 from fedmpi import launch
+from fedmpi.bench import report
 from fedmpi.metrics import open_run
 
 NAME = "wait"
@@ -49,19 +50,25 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--waits", default="sleep,block")
+    p.add_argument("--write", default="", metavar="FILE",
+                   help="also write the table into FILE's generated wait block "
+                        "(fedmpi.bench.report)")
     a = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for wait in a.waits.split(","):
             for n in (3, a.clients + 1):
                 rows.append(run_job(n, wait, a.clients, a.rounds, a.steps, out))
-    print(f"{a.clients} clients x {a.steps} local steps (MLP, synthetic), "
-          f"median s/round over rounds 2..{a.rounds}, {os.cpu_count()} cores")
-    print(f"{'wait':>6} {'-n':>4} {'s/round':>9} {'ratio vs -n 3':>14} "
-          f"{'server CPU/wall':>16} {'CPU s (all ranks)':>18}")
+    lines = [f"{a.clients} clients x {a.steps} local steps (MLP, synthetic), "
+             f"median s/round over rounds 2..{a.rounds}, {os.cpu_count()} cores",
+             f"{'wait':>6} {'-n':>4} {'s/round':>9} {'ratio vs -n 3':>14} "
+             f"{'server CPU/wall':>16} {'CPU s (all ranks)':>18}"]
     base = {r["wait"]: r["s_per_round"] for r in rows if r["n"] == 3}
     for r in rows:
-        print(f"{r['wait']:>6} {r['n']:>4} {r['s_per_round']:9.3f} "
-              f"{r['s_per_round'] / base[r['wait']]:13.2f}x {r['server_cpu_per_wall']:16.2f} "
-              f"{r['cpu_total']:18.1f}")
+        lines.append(f"{r['wait']:>6} {r['n']:>4} {r['s_per_round']:9.3f} "
+                     f"{r['s_per_round'] / base[r['wait']]:13.2f}x "
+                     f"{r['server_cpu_per_wall']:16.2f} {r['cpu_total']:18.1f}")
+    print("\n".join(lines))
+    if a.write:
+        report.write(a.write, "wait", "python -m fedmpi.bench wait", "\n".join(lines))
     return 0
