@@ -43,7 +43,8 @@ from fedmpi.metrics import Run, RunFileError, open_run
 #: display names (config name -> paper name); unknown names are shown as they are
 COMPRESSORS = {"identity": "FedAvg", "3sfc": "3SFC", "fedsynth": "FedSynth", "dgc": "DGC",
                "topk": "Top-k", "randk": "Rand-k", "signsgd": "signSGD", "stc": "STC",
-               "qsgd": "QSGD"}
+               "qsgd": "QSGD", "topk_3sfc": "DGC (3SFC code)",
+               "signsgd_3sfc": "signSGD (3SFC code)", "stc_3sfc": "STC (3SFC code)"}
 ESTIMATORS = {"none": "", "fedsam": "FedSAM", "mofedsam": "MoFedSAM",
               "fedlesam": "FedLESAM", "fedsynsam": "FedSynSAM"}
 DATASETS = {"synthetic": "Synthetic", "mnist": "MNIST", "fmnist": "FMNIST",
