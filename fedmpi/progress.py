@@ -34,6 +34,11 @@ def fmt_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def num(x: float) -> str:
+    """A metric on the round line: 4 decimals, or "-" where the round did not measure it."""
+    return f"{x:.4f}" if math.isfinite(x) else "-"
+
+
 def fmt_duration(seconds: float) -> str:
     """``4.2s``, ``3m05s``, ``2h07m``; ``?`` when not finite."""
     if not math.isfinite(seconds):
@@ -93,8 +98,8 @@ class Progress:
         ratio = row["compression_ratio_up"]
         fields = [
             (0, f"round {rnd + 1:4d}/{self.rounds}"),
-            (1, f"acc {row['test_acc']:.4f}"),
-            (3, f"loss {row['test_loss']:.4f}"),
+            (1, f"acc {num(row['test_acc'])}"),  # "-" in a round without evaluation
+            (3, f"loss {num(row['test_loss'])}"),
             (5, f"train {row['train_loss']:.4f}"),
             (2, f"up {fmt_bytes(row['uplink_payload_bytes'])}"
                 + (f" (x{ratio:.1f})" if math.isfinite(ratio) else " (x-)")),  # NaN: none sent

@@ -110,3 +110,13 @@ def test_summary_counts_every_phase_sharpness_included(tmp_path):
     total = float(np.nansum(run.rounds["time_sharpness"]))
     assert total > 0 and f"  sharpness {total:.1f}s) -> " in done, done
     assert done == progress.summary(str(tmp_path / "sh.h5"), "sh")
+
+
+def test_a_round_without_evaluation_shows_dashes_not_nan():
+    row = {"round": 2, "test_acc": float("nan"), "test_loss": float("nan"),
+           "train_loss": 0.5, "uplink_payload_bytes": 1000, "compression_ratio_up": 4.0,
+           "downlink_payload_bytes": 4000, "time_round": 0.1, "wall_time": 0.3}
+    line = progress.Progress(10, 0).line(row)
+    assert "acc -" in line and "loss -" in line and "nan" not in line
+    row.update(test_acc=0.91234, test_loss=0.3)
+    assert "acc 0.9123" in progress.Progress(10, 0).line(row)
