@@ -29,6 +29,7 @@ from fedmpi.config import Config
 from fedmpi.data import Normalizer, augmenter
 from fedmpi.layout import equal_chunks
 from fedmpi.models import FlatModel
+from fedmpi.optim import LocalSGD
 from fedmpi.sam import Estimator
 
 TAG_BATCH = 201
@@ -134,14 +135,15 @@ class ClientGroup:
         lr = client_lr(c, state.rounds_trained)
         model.load(self.global_params)
         params, grad = model.params, model.grad
-        momentum = torch.zeros_like(params) if c.momentum > 0 else None
+        sgd = LocalSGD.of(c)
+        momentum = sgd.buffer(params)
         batches = batch_schedule(len(shard), self.cfg, round_, cid)
         augment = augmenter(self.cfg, round_, cid)  # data.augment (identity when off)
         loss_sum = torch.zeros((), device=params.device)
         est = self.estimator
         est.begin_client(cid, state, self.global_params, round_, lr=lr, steps=len(batches))
         # plain SGD (no SAM, clipping, weight decay or momentum): one fused step
-        plain = est.plain and momentum is None and c.grad_clip <= 0 and c.weight_decay <= 0
+        plain = est.plain and sgd.plain
         for k, idx in enumerate(batches):
             raw, yb = shard.take(idx)
             xb = self.normalize(augment(raw))
@@ -158,15 +160,7 @@ class ClientGroup:
                 if eps is not None:
                     params.sub_(eps)
                 est.descent(grad, k)
-                if c.grad_clip > 0:
-                    norm = grad.norm()
-                    grad.mul_(torch.clamp(c.grad_clip / (norm + 1e-12), max=1.0))
-                if c.weight_decay > 0:
-                    grad.add_(params, alpha=c.weight_decay)
-                step = grad
-                if momentum is not None:
-                    step = momentum.mul_(c.momentum).add_(grad)
-                params.add_(step, alpha=-lr)
+                sgd.step(params, grad, momentum, lr)
         state.rounds_trained += 1
         update = params - self.global_params
         return update, float(loss_sum) / len(batches), len(batches)
@@ -180,6 +174,7 @@ class ClientGroup:
         from torch.func import functional_call, grad_and_value, vmap
 
         c = self.cfg.client
+        sgd = LocalSGD.of(c)
         module = self.model.module
         names = [n for n, _ in module.named_parameters()]
         sizes = [int(np.prod(s)) for s in self.model.shapes]
@@ -200,7 +195,7 @@ class ClientGroup:
             w = self.global_params.expand(len(group), -1).clone()
             lrs = torch.tensor([client_lr(c, self.states[cid].rounds_trained)
                                 for cid in group], device=w.device).unsqueeze(1)
-            momentum = torch.zeros_like(w) if c.momentum > 0 else None
+            momentum = sgd.buffer(w)
             augments = [augmenter(self.cfg, round_, cid) for cid in group]
             loss_sum = torch.zeros(len(group), device=w.device)
             steps = len(schedules[group[0]])
@@ -212,14 +207,7 @@ class ClientGroup:
                     ys.append(y)
                 g, loss = step_fn(w, torch.stack(xs), torch.stack(ys))
                 loss_sum += loss.detach()
-                if c.grad_clip > 0:
-                    g.mul_(torch.clamp(c.grad_clip / (g.norm(dim=1, keepdim=True) + 1e-12),
-                                       max=1.0))
-                if c.weight_decay > 0:
-                    g.add_(w, alpha=c.weight_decay)
-                if momentum is not None:
-                    g = momentum.mul_(c.momentum).add_(g)
-                w.sub_(lrs * g)
+                sgd.step(w, g, momentum, lrs)  # per-client rates: row by row
             for i, cid in enumerate(group):
                 self.states[cid].rounds_trained += 1
                 out[cid] = (w[i] - self.global_params, float(loss_sum[i]) / steps, steps)
