@@ -118,7 +118,6 @@ class ClientGroup:
         self.global_params = torch.zeros_like(model.params)
         self.time_train = 0.0
         self.time_encode = 0.0
-        self.pool = None  # a fedmpi.fitpool.FitPool when this rank's fits are pooled
         self.probe = None  # a fedmpi.perturbation.Probe in rounds that measure the ascent
 
     @property
@@ -213,7 +212,8 @@ class ClientGroup:
                 out[cid] = (w[i] - self.global_params, float(loss_sum[i]) / steps, steps)
         return [out[cid] for cid in cids]
 
-    def run_round(self, round_: int, participants: list[int]) -> list[ClientResult]:
+    def run_round(self, round_: int, participants: list[int], pool: Any = None
+                  ) -> list[ClientResult]:
         """Train and encode this group's participating clients, in client-id order.
 
         ``client.execution``: ``sequential`` trains and encodes one client at a time;
@@ -221,14 +221,21 @@ class ClientGroup:
         ``compressor.batch_clients`` (1 for most compressors; 3SFC fits several clients at
         once), as equal as possible; ``batched`` trains and encodes all of the rank's
         participants together. A rank holds at most one chunk of updates.
+
+        ``pool``: this rank's :class:`fedmpi.fitpool.FitPool` (None: fits stay here): the
+        round's clients are encoded in one call, whose fit goes through the pool
+        (:attr:`fedmpi.compress.base.Context.fit`), and the rank joins the pool once even
+        when it encodes nothing.
         """
         chosen = set(participants)
         mine = [cid for cid in self.clients if cid in chosen]
         execution = self.cfg.client.execution
         chunk = {"sequential": 1, "batched": len(mine)}.get(
             execution, self.compressor.batch_clients)
-        if self.pool is not None:  # pooled fits: one encode call per round (fedmpi.fitpool)
+        fit = None
+        if pool is not None:  # pooled fits: one encode call per round (fedmpi.fitpool)
             chunk = len(mine)
+            fit = pool.fit
         results = []
         for start, stop in equal_chunks(len(mine), chunk):
             cids = mine[start:stop]
@@ -242,7 +249,7 @@ class ClientGroup:
             if self.probe is not None:  # measuring is evaluation, not training
                 t0 += self.probe.seconds - probed
             ctxs = [Context(round=round_, client=cid, seed=self.cfg.run.seed, spec=self.spec,
-                            global_params=self.global_params, model=self.model)
+                            global_params=self.global_params, model=self.model, fit=fit)
                     for cid in cids]
             bad = {cid: (1 if not np.isfinite(loss) else 2) for cid, (u, loss, _) in
                    zip(cids, trained, strict=True)
@@ -262,9 +269,9 @@ class ClientGroup:
                                             len(self.shards[cid]), steps))
             self.time_train += t1 - t0
             self.time_encode += time.perf_counter() - t1
-        if self.pool is not None and self.pool.joined != round_:
+        if pool is not None and pool.joined != round_:
             # none of this rank's clients was encoded this round: join the pool with nothing
             t1 = time.perf_counter()
-            self.pool.join_empty(round_)
+            pool.join_empty(round_, self.compressor.solver(self.model, self.global_params))
             self.time_encode += time.perf_counter() - t1
         return results

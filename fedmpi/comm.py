@@ -382,6 +382,10 @@ class NodePool:
     def leader(self) -> bool:
         return self.rank == 0
 
+    def barrier(self) -> None:
+        """Setup-time: every member has reached this point (blocking)."""
+        self.comm.Barrier()
+
     def _run(self, req: MPI.Request) -> None:
         self.t._timed(lambda: self.t._wait(req))
 
