@@ -448,6 +448,17 @@ class NodePool:
         return out
 
 
+def world_rank() -> int:
+    """This process's rank in the whole job (``MPI_COMM_WORLD``), without a Transport."""
+    return MPI.COMM_WORLD.Get_rank()
+
+
+def world_gather(obj) -> list | None:
+    """One (pickled) object from every rank of the job at rank 0, in rank order; None on
+    the others. Without a Transport (benchmarks that need no node communicator)."""
+    return MPI.COMM_WORLD.gather(obj, root=SERVER)
+
+
 def finalize_and_exit(code: int) -> None:
     """Finalize MPI and leave at once (a normal interpreter exit at 41 ranks takes ~15 s)."""
     sys.stdout.flush()
