@@ -29,6 +29,7 @@ from fedmpi.config import Config
 from fedmpi.data import Normalizer, augmenter
 from fedmpi.layout import equal_chunks
 from fedmpi.models import FlatModel
+from fedmpi.optim import LocalSGD
 from fedmpi.sam import Estimator
 
 TAG_BATCH = 201
@@ -117,7 +118,6 @@ class ClientGroup:
         self.global_params = torch.zeros_like(model.params)
         self.time_train = 0.0
         self.time_encode = 0.0
-        self.pool = None  # a fedmpi.fitpool.FitPool when this rank's fits are pooled
         self.probe = None  # a fedmpi.perturbation.Probe in rounds that measure the ascent
 
     @property
@@ -134,14 +134,15 @@ class ClientGroup:
         lr = client_lr(c, state.rounds_trained)
         model.load(self.global_params)
         params, grad = model.params, model.grad
-        momentum = torch.zeros_like(params) if c.momentum > 0 else None
+        sgd = LocalSGD.of(c)
+        momentum = sgd.buffer(params)
         batches = batch_schedule(len(shard), self.cfg, round_, cid)
         augment = augmenter(self.cfg, round_, cid)  # data.augment (identity when off)
         loss_sum = torch.zeros((), device=params.device)
         est = self.estimator
         est.begin_client(cid, state, self.global_params, round_, lr=lr, steps=len(batches))
         # plain SGD (no SAM, clipping, weight decay or momentum): one fused step
-        plain = est.plain and momentum is None and c.grad_clip <= 0 and c.weight_decay <= 0
+        plain = est.plain and sgd.plain
         for k, idx in enumerate(batches):
             raw, yb = shard.take(idx)
             xb = self.normalize(augment(raw))
@@ -158,15 +159,7 @@ class ClientGroup:
                 if eps is not None:
                     params.sub_(eps)
                 est.descent(grad, k)
-                if c.grad_clip > 0:
-                    norm = grad.norm()
-                    grad.mul_(torch.clamp(c.grad_clip / (norm + 1e-12), max=1.0))
-                if c.weight_decay > 0:
-                    grad.add_(params, alpha=c.weight_decay)
-                step = grad
-                if momentum is not None:
-                    step = momentum.mul_(c.momentum).add_(grad)
-                params.add_(step, alpha=-lr)
+                sgd.step(params, grad, momentum, lr)
         state.rounds_trained += 1
         update = params - self.global_params
         return update, float(loss_sum) / len(batches), len(batches)
@@ -180,6 +173,7 @@ class ClientGroup:
         from torch.func import functional_call, grad_and_value, vmap
 
         c = self.cfg.client
+        sgd = LocalSGD.of(c)
         module = self.model.module
         names = [n for n, _ in module.named_parameters()]
         sizes = [int(np.prod(s)) for s in self.model.shapes]
@@ -200,7 +194,7 @@ class ClientGroup:
             w = self.global_params.expand(len(group), -1).clone()
             lrs = torch.tensor([client_lr(c, self.states[cid].rounds_trained)
                                 for cid in group], device=w.device).unsqueeze(1)
-            momentum = torch.zeros_like(w) if c.momentum > 0 else None
+            momentum = sgd.buffer(w)
             augments = [augmenter(self.cfg, round_, cid) for cid in group]
             loss_sum = torch.zeros(len(group), device=w.device)
             steps = len(schedules[group[0]])
@@ -212,20 +206,14 @@ class ClientGroup:
                     ys.append(y)
                 g, loss = step_fn(w, torch.stack(xs), torch.stack(ys))
                 loss_sum += loss.detach()
-                if c.grad_clip > 0:
-                    g.mul_(torch.clamp(c.grad_clip / (g.norm(dim=1, keepdim=True) + 1e-12),
-                                       max=1.0))
-                if c.weight_decay > 0:
-                    g.add_(w, alpha=c.weight_decay)
-                if momentum is not None:
-                    g = momentum.mul_(c.momentum).add_(g)
-                w.sub_(lrs * g)
+                sgd.step(w, g, momentum, lrs)  # per-client rates: row by row
             for i, cid in enumerate(group):
                 self.states[cid].rounds_trained += 1
                 out[cid] = (w[i] - self.global_params, float(loss_sum[i]) / steps, steps)
         return [out[cid] for cid in cids]
 
-    def run_round(self, round_: int, participants: list[int]) -> list[ClientResult]:
+    def run_round(self, round_: int, participants: list[int], pool: Any = None
+                  ) -> list[ClientResult]:
         """Train and encode this group's participating clients, in client-id order.
 
         ``client.execution``: ``sequential`` trains and encodes one client at a time;
@@ -233,14 +221,21 @@ class ClientGroup:
         ``compressor.batch_clients`` (1 for most compressors; 3SFC fits several clients at
         once), as equal as possible; ``batched`` trains and encodes all of the rank's
         participants together. A rank holds at most one chunk of updates.
+
+        ``pool``: this rank's :class:`fedmpi.fitpool.FitPool` (None: fits stay here): the
+        round's clients are encoded in one call, whose fit goes through the pool
+        (:attr:`fedmpi.compress.base.Context.fit`), and the rank joins the pool once even
+        when it encodes nothing.
         """
         chosen = set(participants)
         mine = [cid for cid in self.clients if cid in chosen]
         execution = self.cfg.client.execution
         chunk = {"sequential": 1, "batched": len(mine)}.get(
             execution, self.compressor.batch_clients)
-        if self.pool is not None:  # pooled fits: one encode call per round (fedmpi.fitpool)
+        fit = None
+        if pool is not None:  # pooled fits: one encode call per round (fedmpi.fitpool)
             chunk = len(mine)
+            fit = pool.fit
         results = []
         for start, stop in equal_chunks(len(mine), chunk):
             cids = mine[start:stop]
@@ -254,7 +249,7 @@ class ClientGroup:
             if self.probe is not None:  # measuring is evaluation, not training
                 t0 += self.probe.seconds - probed
             ctxs = [Context(round=round_, client=cid, seed=self.cfg.run.seed, spec=self.spec,
-                            global_params=self.global_params, model=self.model)
+                            global_params=self.global_params, model=self.model, fit=fit)
                     for cid in cids]
             bad = {cid: (1 if not np.isfinite(loss) else 2) for cid, (u, loss, _) in
                    zip(cids, trained, strict=True)
@@ -274,9 +269,9 @@ class ClientGroup:
                                             len(self.shards[cid]), steps))
             self.time_train += t1 - t0
             self.time_encode += time.perf_counter() - t1
-        if self.pool is not None and self.pool.joined != round_:
+        if pool is not None and pool.joined != round_:
             # none of this rank's clients was encoded this round: join the pool with nothing
             t1 = time.perf_counter()
-            self.pool.join_empty(round_)
+            pool.join_empty(round_, self.compressor.solver(self.model, self.global_params))
             self.time_encode += time.perf_counter() - t1
         return results

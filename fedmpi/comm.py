@@ -382,6 +382,10 @@ class NodePool:
     def leader(self) -> bool:
         return self.rank == 0
 
+    def barrier(self) -> None:
+        """Setup-time: every member has reached this point (blocking)."""
+        self.comm.Barrier()
+
     def _run(self, req: MPI.Request) -> None:
         self.t._timed(lambda: self.t._wait(req))
 
@@ -442,6 +446,17 @@ class NodePool:
         posted()
         self._run(req)
         return out
+
+
+def world_rank() -> int:
+    """This process's rank in the whole job (``MPI_COMM_WORLD``), without a Transport."""
+    return MPI.COMM_WORLD.Get_rank()
+
+
+def world_gather(obj) -> list | None:
+    """One (pickled) object from every rank of the job at rank 0, in rank order; None on
+    the others. Without a Transport (benchmarks that need no node communicator)."""
+    return MPI.COMM_WORLD.gather(obj, root=SERVER)
 
 
 def finalize_and_exit(code: int) -> None:

@@ -11,6 +11,13 @@ the pool's first member, which fits them all (in equal chunks of at most
 ``compressor.batch_clients``) and sends each member its (X, Y) back. The scale, the
 error-feedback residual and the payload are then computed by the member as always.
 
+Nothing is attached to the compressor or the client group: the group is handed the pool
+(``ClientGroup.run_round(..., pool)``) and passes :meth:`FitPool.fit` to the compressor
+in each client's :class:`~fedmpi.compress.base.Context` (``fit``); the compressor calls
+it with its problems and its :class:`fedmpi.synth.Solver` (the fit at this rank's w^t),
+which the leader runs on the whole pool's problems. All MPI traffic goes through
+:class:`fedmpi.comm.NodePool`.
+
 Exactness: a problem's fit is bit-identical whatever batch it is in (see
 :mod:`fedmpi.synth`), and every rank holds the same w^t and the same model, so a pooled
 run equals an unpooled one bit for bit. Every member joins the pool's collectives exactly
@@ -38,7 +45,6 @@ import fcntl
 import heapq
 import math
 import os
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -46,9 +52,6 @@ import torch
 from fedmpi import synth
 from fedmpi.gate import Gate
 from fedmpi.layout import equal_chunks
-
-#: fits the problems (targets (B, d), x0 (B, *x), y0 (B, *y)) at this rank's w^t
-Solver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], synth.FitResult]
 
 
 class Door:
@@ -95,9 +98,6 @@ class FitPool:
         self.done = done
         self.joins = 0  # joins so far: the next join's number
         self.batch = max(1, batch)
-        self.solver: Solver | None = None  # set by the compressor (attach_pool)
-        self.shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
-        self.d = 0
         self.joined = -1  # the last round this rank joined
         self.fitted = 0  # problems this rank fitted for the pool (leader)
         # leader: the round's problems, in arrival order, in buffers kept across rounds
@@ -111,17 +111,11 @@ class FitPool:
     def size(self) -> int:
         return self.link.size
 
-    def bind(self, solver: Solver, d: int, x_shape: tuple[int, ...],
-             y_shape: tuple[int, ...]) -> None:
-        self.solver = solver
-        self.d = d
-        self.shapes = (tuple(x_shape), tuple(y_shape))
-
-    def join_empty(self, round_: int) -> None:
-        """Join this round's pool with no problems (a member must join every round)."""
-        x_shape, y_shape = self.shapes
-        self.fit(round_, torch.zeros((0, self.d)), torch.zeros((0, *x_shape)),
-                 torch.zeros((0, *y_shape)))
+    def join_empty(self, round_: int, solver: synth.Solver) -> None:
+        """Join this round's pool with no problems (a member must join every round; the
+        leader still fits the others' with ``solver``)."""
+        self.fit(round_, solver, torch.zeros((0, solver.d)), torch.zeros((0, *solver.x_shape)),
+                 torch.zeros((0, *solver.y_shape)))
 
     def before_round(self) -> None:
         """Before this rank takes its compute slot for a round: a member sleeps until the
@@ -133,20 +127,22 @@ class FitPool:
         self.start.close()
         self.done.close()
 
-    def fit(self, round_: int, targets: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor
-            ) -> synth.FitResult:
-        """This rank's problems fitted by the pool (once per round, B may be 0)."""
+    def fit(self, round_: int, solver: synth.Solver, targets: torch.Tensor,
+            x0: torch.Tensor, y0: torch.Tensor) -> synth.FitResult:
+        """This rank's problems fitted by the pool (once per round, B may be 0); the
+        leader fits every member's with its own ``solver`` (the members' w^t is its own).
+        The :attr:`fedmpi.compress.base.Context.fit` of a pooled rank's clients."""
         if self.joined == round_:
             raise RuntimeError(f"round {round_}: a rank joined its fit pool twice (every "
                                "member must join exactly once per round)")
         self.joined = round_
         n = self.joins
         self.joins += 1
-        x_shape, y_shape = self.shapes
+        d, x_shape, y_shape = solver.d, solver.x_shape, solver.y_shape
         nx, ny = math.prod(x_shape), math.prod(y_shape)
         b = int(targets.shape[0])
         send = np.concatenate([
-            targets.detach().to(torch.float32).reshape(b, self.d).cpu().numpy(),
+            targets.detach().to(torch.float32).reshape(b, d).cpu().numpy(),
             x0.detach().to(torch.float32).reshape(b, nx).cpu().numpy(),
             y0.detach().to(torch.float32).reshape(b, ny).cpu().numpy()], axis=1).reshape(-1)
         held = self.gate.held >= 0
@@ -156,8 +152,8 @@ class FitPool:
         if leader:
             self.start.open(n)  # members may train now: the leader is receiving
             self._arrived = []
-            self.link.gather(send, self._take)
-            parts = self._fit_all(nx, ny)
+            self.link.gather(send, lambda member, buf: self._take(solver, member, buf))
+            parts = self._fit_all(solver)
         else:
             self.link.gather(send)
         door = (lambda: self.done.open(n)) if leader else (lambda: self.done.wait(n))
@@ -171,16 +167,17 @@ class FitPool:
             res[:, nx:nx + ny].to(torch.float32).reshape(b, *y_shape).to(device).contiguous(),
             res[:, -1].to(device))
 
-    def _take(self, member: int, buf: np.ndarray) -> None:
+    def _take(self, solver: synth.Solver, member: int, buf: np.ndarray) -> None:
         """Leader: file one member's rows [u, x0, y0] (as they arrive) into the buffers."""
-        x_shape, y_shape = self.shapes
-        rows = torch.from_numpy(buf).view(-1, self.d + math.prod(x_shape) + math.prod(y_shape))
+        d = solver.d
+        rows = torch.from_numpy(buf).view(
+            -1, d + math.prod(solver.x_shape) + math.prod(solver.y_shape))
         lo = self._filled
         hi = lo + rows.shape[0]
         if self._targets is None or self._targets.shape[0] < hi:
-            self._grow(hi, lo, rows.shape[1] - self.d)
-        self._targets[lo:hi] = rows[:, :self.d]
-        self._starts[lo:hi] = rows[:, self.d:]
+            self._grow(hi, lo, d, rows.shape[1] - d)
+        self._targets[lo:hi] = rows[:, :d]
+        self._starts[lo:hi] = rows[:, d:]
         self._arrived.append((member, lo, hi - lo))
 
     @property
@@ -188,19 +185,20 @@ class FitPool:
         """Rows filed so far this round."""
         return self._arrived[-1][1] + self._arrived[-1][2] if self._arrived else 0
 
-    def _grow(self, rows: int, keep: int, width: int) -> None:
+    def _grow(self, rows: int, keep: int, d: int, width: int) -> None:
         n = max(rows, self.capacity, 2 * (0 if self._targets is None else len(self._targets)))
-        targets, starts = torch.empty((n, self.d)), torch.empty((n, width))
+        targets, starts = torch.empty((n, d)), torch.empty((n, width))
         if keep:
             targets[:keep] = self._targets[:keep]
             starts[:keep] = self._starts[:keep]
         self._targets, self._starts = targets, starts
 
-    def _fit_all(self, nx: int, ny: int) -> list[np.ndarray]:
+    def _fit_all(self, solver: synth.Solver) -> list[np.ndarray]:
         """Leader: fit the round's problems (in arrival order, in equal chunks of at most
         ``batch``); float64 [x, y, loss] rows per member, in member order."""
         total = self._filled
-        x_shape, y_shape = self.shapes
+        x_shape, y_shape = solver.x_shape, solver.y_shape
+        nx, ny = math.prod(x_shape), math.prod(y_shape)
         table = np.zeros((total, nx + ny + 1), dtype=np.float64)
         if total:
             out = torch.from_numpy(table)
@@ -208,9 +206,9 @@ class FitPool:
             try:
                 for lo, hi in equal_chunks(total, self.batch):
                     starts = self._starts[lo:hi]
-                    fit = self.solver(self._targets[lo:hi],
-                                      starts[:, :nx].reshape(-1, *x_shape).clone(),
-                                      starts[:, nx:].reshape(-1, *y_shape).clone())
+                    fit = solver(self._targets[lo:hi],
+                                 starts[:, :nx].reshape(-1, *x_shape).clone(),
+                                 starts[:, nx:].reshape(-1, *y_shape).clone())
                     out[lo:hi, :nx] = fit.x.reshape(hi - lo, nx).cpu()
                     out[lo:hi, nx:nx + ny] = fit.y.reshape(hi - lo, ny).cpu()
                     out[lo:hi, -1] = fit.loss.cpu()
@@ -224,8 +222,9 @@ class FitPool:
 
 
 def pooled(compressor) -> bool:
-    """Whether ``compressor`` (or the one inside its error feedback) fits through a pool."""
-    return hasattr(getattr(compressor, "inner", compressor), "attach_pool")
+    """Whether ``compressor`` (error feedback included) fits synthetic features, so its
+    fits can go through a pool (:attr:`fedmpi.compress.base.Compressor.fits`)."""
+    return bool(getattr(compressor, "fits", False))
 
 
 def split_pools(loads: dict[int, int], pools: int) -> dict[int, int]:
@@ -240,20 +239,22 @@ def split_pools(loads: dict[int, int], pools: int) -> dict[int, int]:
     return out
 
 
-def open_pool(t, enabled: bool, gate: Gate, compressor, group, batch: int, load: int = 0,
+def open_pool(t, enabled: bool, gate: Gate, is_client: bool, batch: int, load: int = 0,
               clients: int = 0) -> FitPool | None:
-    """Setup-time, on every rank of the job: this rank's pool, or None.
+    """Setup-time, on every rank of the job: this rank's pool, or None. Nothing else is
+    changed (but ``gate``, pinned to the pool's slot): the caller hands the pool to its
+    client group (``ClientGroup.run_round``).
 
-    ``enabled``: ``run.pool_fits`` and a compressor that fits (3sfc, fedsynth). The
-    members are the client ranks of this node behind one gate; its slots split them into
-    pools (:func:`split_pools` on ``load``, the training samples each owns), and each
-    pool's ranks use only their own slot (:meth:`fedmpi.gate.Gate.pin`): a slot trains
-    its pool's clients one rank after another and then runs the leader's fit, the
-    schedule of one rank that owns all of them. ``clients``: the clients this rank owns
-    (the leader sizes its buffers for the pool's total)."""
+    ``enabled``: ``run.pool_fits`` and a compressor that fits (3sfc, fedsynth);
+    ``is_client``: this rank owns clients. The members are the client ranks of this node
+    behind one gate; its slots split them into pools (:func:`split_pools` on ``load``,
+    the training samples each owns), and each pool's ranks use only their own slot
+    (:meth:`fedmpi.gate.Gate.pin`): a slot trains its pool's clients one rank after
+    another and then runs the leader's fit, the schedule of one rank that owns all of
+    them. ``clients``: the clients this rank owns (the leader sizes its buffers for the
+    pool's total)."""
     if not enabled:
         return None
-    is_client = group is not None
     info = t.node_allgather((gate.mask, is_client and gate.enabled, load, clients))
     members = [r for r, (m, on, _, _) in enumerate(info) if on and m == gate.mask]
     capacity = 0
@@ -277,12 +278,8 @@ def open_pool(t, enabled: bool, gate: Gate, compressor, group, batch: int, load:
     for step in (0, 1):
         if link.leader == (step == 0):
             doors = [Door(p, link.leader) for p in paths]
-        link.comm.Barrier()
+        link.barrier()
     if link.leader:
         for p in paths[0] + paths[1]:
             os.unlink(p)
-    pool = FitPool(link, gate, batch, *doors, capacity=capacity)  # (buffers: leader only)
-    inner = getattr(compressor, "inner", compressor)
-    inner.attach_pool(pool, group.model, group.global_params)
-    group.pool = pool
-    return pool
+    return FitPool(link, gate, batch, *doors, capacity=capacity)  # (buffers: leader only)

@@ -84,6 +84,23 @@ class FitResult:
     loss: torch.Tensor  #: (B,) float64 objective J at (x, y); inf if no step was finite
 
 
+@dataclass(frozen=True)
+class Solver:
+    """B problems' fit at one w^t: ``solver(targets (B, d), x0 (B, *x_shape), y0 (B,
+    *y_shape)) -> FitResult``. A compressor that fits (3SFC, FedSynth) makes one per call
+    (:meth:`fedmpi.compress.sfc3.SFC3.solver`); the shapes let a fit pool
+    (:mod:`fedmpi.fitpool`) pack and unpack problems it did not make."""
+
+    solve: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], FitResult]
+    d: int
+    x_shape: tuple[int, ...]
+    y_shape: tuple[int, ...]
+
+    def __call__(self, targets: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor
+                 ) -> FitResult:
+        return self.solve(targets, x0, y0)
+
+
 class SynthModel:
     """A module seen as a function of a flat weight vector ``w`` (FlatModel order)."""
 

@@ -211,7 +211,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
                             spec, normalizer, estimator)
         group.set_global(model.params)
     # oversubscribed node: the ranks behind one compute slot fit 3SFC samples together
-    pool = open_pool(t, cfg.run.pool_fits and pooled(compressor), compute, compressor, group,
+    pool = open_pool(t, cfg.run.pool_fits and pooled(compressor), compute, group is not None,
                      compressor.batch_clients, sum(len(s) for s in shards.values()),
                      len(shards))
     if first:  # resume: server state on rank 0, client states to their (new) owners
@@ -333,7 +333,7 @@ def run(args: argparse.Namespace, t: Transport) -> int:
             if pool is not None:
                 pool.before_round()  # a pool member sleeps until its leader has trained
             with compute.slot():  # at most the node's cores worth of ranks compute at once
-                results = group.run_round(rnd, participants)
+                results = group.run_round(rnd, participants, pool)
             record[:2] = group.time_train, group.time_encode
             for i, r in enumerate(results):
                 record[2 + i * SLOT:2 + (i + 1) * SLOT] = (

@@ -49,7 +49,7 @@ if kind == "pause":
 if kind in ("raise", "kill", "stop", "hold", "pause") and rank == who:
     original = client.ClientGroup.run_round
 
-    def run_round(self, round_, participants):
+    def run_round(self, round_, participants, *args, **kwargs):
         if round_ == when:
             if kind == "raise":
                 raise RuntimeError(f"injected failure on rank {rank} in round {round_}")
@@ -64,7 +64,7 @@ if kind in ("raise", "kill", "stop", "hold", "pause") and rank == who:
                     time.sleep(0.05)
             else:
                 os.kill(os.getpid(), signal.SIGSTOP if kind == "stop" else signal.SIGKILL)
-        return original(self, round_, participants)
+        return original(self, round_, participants, *args, **kwargs)
 
     client.ClientGroup.run_round = run_round
 

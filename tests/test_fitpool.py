@@ -160,10 +160,10 @@ def test_leader_files_problems_in_arrival_order_and_answers_each_member(capacity
             [(0, 1), (1, 2), (2, 0), (3, 3)]}
     link = _Link({m: rows[m].reshape(-1) for m in (1, 2, 3)}, [3, 2, 1])
     pool = FitPool(link, _Gate(), batch, _Door(), _Door(), capacity=capacity)
-    pool.bind(solver, d, xs, ys)
+    fitter = synth.Solver(solver, d, xs, ys)  # passed in per call, never bound to the pool
     for rnd in range(2):
         mine = torch.from_numpy(rows[0])
-        got = pool.fit(rnd, mine[:, :d], mine[:, d:d + 2], mine[:, d + 2:])
+        got = pool.fit(rnd, fitter, mine[:, :d], mine[:, d:d + 2], mine[:, d + 2:])
         for m in range(4):
             u = torch.from_numpy(rows[m]).double()
             expect = torch.cat([u[:, d:d + 2] + u[:, :d].sum(1, keepdim=True),

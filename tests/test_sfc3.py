@@ -271,6 +271,43 @@ def test_batched_encoding_equals_one_client_at_a_time():
         assert np.array_equal(alone.to_bytes(), together[i][0].to_bytes())
 
 
+@pytest.mark.parametrize("name", ["3sfc", "fedsynth"])
+def test_a_fit_passed_in_the_context_runs_the_compressors_solver_and_leaves_it_pure(name):
+    """Context.fit (a fit pool's FitPool.fit) gets the call's problems once, with the
+    compressor's own synth.Solver; the payloads equal the local fit's bit for bit, and
+    nothing is attached to the compressor (issue 21: compressors are pure)."""
+    import dataclasses
+
+    model = make_model()
+    w = model.params.clone()
+    sets = ["compressor.s_steps=2", "compressor.max_iter=3"]
+    comp, _ = build(model, *sets, *(["compressor.batches=2"] if name == "fedsynth" else []),
+                    name=name)
+    assert comp.fits and comp.batch_clients > 1
+    ups = real_updates(model, w, 3)
+    states = [comp.init_state(c) for c in range(3)]
+    local = comp.compress_many(ups, states, contexts(range(3), w, model))
+    before = dict(vars(comp)), dict(vars(getattr(comp, "inner", comp)))
+    calls = []
+
+    def fit(round_, solver, targets, x0, y0):
+        calls.append((round_, solver, targets.shape[0]))
+        return solver(targets, x0, y0)
+
+    ctxs = [dataclasses.replace(c, fit=fit) for c in contexts(range(3), w, model)]
+    pooled = comp.compress_many(ups, states, ctxs)
+    assert [(r, n) for r, _, n in calls] == [(3, 3)]  # one fit, every client's problems
+    solver = calls[0][1]
+    assert isinstance(solver, synth.Solver) and solver.d == model.d
+    for (p, _, d, t), (q, _, e, u) in zip(local, pooled, strict=True):  # (state: t - d)
+        assert np.array_equal(p.to_bytes(), q.to_bytes())
+        assert torch.equal(d, e) and torch.equal(t, u)
+    assert (dict(vars(comp)), dict(vars(getattr(comp, "inner", comp)))) == before
+    with pytest.raises(RuntimeError, match="same w"):  # one pooled fit: one w^t
+        comp.compress_many(ups[:2], states[:2], [ctxs[0], dataclasses.replace(
+            ctxs[1], global_params=w.clone())])
+
+
 # ---------------------------------------------------------------------------- server decode
 
 

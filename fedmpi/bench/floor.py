@@ -8,8 +8,9 @@ cross-entropy gradient and backward by hand: no autograd graph, no ``torch.nn``,
 its peak RSS again. Rank 0 prints one JSON object: ``{"init": [MiB per rank], "trained":
 [MiB per rank]}``.
 
-It imports nothing of fedmpi, so the two sums are what any program of fedmpi's shape (one
-torch process per MPI rank, each training) pays on this machine before doing anything
+Of fedmpi it imports only :mod:`fedmpi.comm` (the one module that talks to MPI: numpy
+and mpi4py, both loaded already), so the two sums are what any program of fedmpi's shape
+(one torch process per MPI rank, each training) pays on this machine before doing anything
 federated; :mod:`fedmpi.bench.perf` prints them next to fedmpi's own peak RSS.
 """
 
@@ -21,7 +22,8 @@ import resource
 import sys
 
 import torch
-from mpi4py import MPI
+
+from fedmpi.comm import SERVER, world_gather, world_rank
 
 
 def peak_rss_mb() -> float:
@@ -78,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(dims) < 2 or min(dims) < 1 or args.samples < 1 or args.batch < 1 or args.steps < 0:
         p.error("--dims needs two or more positive widths; --samples and --batch >= 1")
     torch.set_num_threads(max(1, args.threads))
-    comm = MPI.COMM_WORLD
+    rank = world_rank()
     init = peak_rss_mb()
-    train(dims, args.samples, args.steps, min(args.batch, args.samples), comm.Get_rank())
+    train(dims, args.samples, args.steps, min(args.batch, args.samples), rank)
     trained = peak_rss_mb()
-    rows = comm.gather((init, trained), root=0)
-    if comm.Get_rank() == 0:
+    rows = world_gather((init, trained))
+    if rank == SERVER:
         sys.stdout.write(json.dumps({"init": [r[0] for r in rows],
                                      "trained": [r[1] for r in rows]}) + "\n")
         sys.stdout.flush()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -103,6 +103,11 @@ class Context:
     #: the client's own update Delta before error feedback adds its residual (set by
     #: :class:`ErrorFeedback`; None without it, where the compressed vector is Delta)
     update: torch.Tensor | None = None
+    #: where a compressor that fits (:attr:`Compressor.fits`) runs its batched fit: None =
+    #: here; else ``fit(round, solver, targets, x0, y0) -> fedmpi.synth.FitResult`` (a
+    #: :meth:`fedmpi.fitpool.FitPool.fit`), called once per encode call with every
+    #: client's problems, which must then share ``global_params``, ``model`` and ``fit``
+    fit: Callable[..., Any] | None = None
 
     def numpy_rng(self, tag: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, tag, self.round, self.client + 1])
@@ -149,6 +154,17 @@ class Compressor(ABC):
     def parse(self, buf: np.ndarray, ctx: Context) -> Payload:
         """Rebuild the payload from its wire bytes alone."""
         ...
+
+    # synthetic-feature fits ---------------------------------------------------
+    #: whether encoding fits synthetic features (3SFC, FedSynth): such fits may run
+    #: elsewhere (:attr:`Context.fit`, :mod:`fedmpi.fitpool`), given :meth:`solver`
+    fits: ClassVar[bool] = False
+
+    def solver(self, model: Any, global_params: torch.Tensor) -> Any:
+        """The fit of this compressor's problems at ``global_params`` (w^t) with ``model``
+        (a :class:`fedmpi.synth.Solver`): what a fit pool's leader runs for its members,
+        who share w^t. Only where :attr:`fits`."""
+        raise NotImplementedError(f"{self.name} fits nothing")
 
     # batched forms -----------------------------------------------------------
     #: how many clients a rank should hand to ``encode_many`` / ``decode_many`` at once;
@@ -201,6 +217,10 @@ class ErrorFeedback(Compressor):
         self.inner = inner
         self.name = f"ef({inner.name})"  # type: ignore[misc]
         self.batch_clients = inner.batch_clients
+        self.fits = inner.fits  # type: ignore[misc]
+
+    def solver(self, model, global_params):
+        return self.inner.solver(model, global_params)
 
     def init_state(self, client: int) -> EFState:
         zeros = torch.zeros(self.spec.d, dtype=torch.float32, device=self.spec.device)

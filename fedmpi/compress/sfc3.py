@@ -13,7 +13,10 @@ X (M samples of the dataset's input shape) and soft labels Y (M x C) starting fr
 N(0, 1), fitted by LBFGS for S outer steps keeping the best, or by plain gradient steps
 (:mod:`fedmpi.synth`). Then g* = grad_w CE(f_{w^t}(X*), Y*) and the scale
 s = <g*, u> / ||g*||^2 (0 when g* = 0), so s g* is the projection of u on g*; the EF
-residual becomes u - s g*. A rank fits ``batch_clients`` clients together.
+residual becomes u - s g*. A rank fits ``batch_clients`` clients together; with
+:attr:`Context.fit <fedmpi.compress.base.Context.fit>` set (a fit pool,
+:mod:`fedmpi.fitpool`) the call's fit runs there instead, by this compressor's
+:meth:`SFC3.solver`; the compressor itself never holds a pool.
 
 Decoder (server, and the client for EF / telemetry): s * grad_w CE(f_{w^t}(X), Y) on its
 own copy of w^t; both sides run the same code on the same bits, so the server's decode is
@@ -118,7 +121,7 @@ class SFC3(Compressor):
                    "give either compressor.m or a budget (compressor.budget / budget_bytes)")
 
     tag: ClassVar[int] = TAG_SFC3  #: random stream of the starts (X0, Y0)
-    pool: Any = None  #: a fedmpi.fitpool.FitPool once attached (attach_pool)
+    fits: ClassVar[bool] = True  #: a fit may run in a fit pool (Context.fit, fedmpi.fitpool)
 
     def __init__(self, cfg: Any, spec: ModelSpec):
         super().__init__(cfg, spec)
@@ -173,27 +176,24 @@ class SFC3(Compressor):
     def encode(self, update: torch.Tensor, state: Any, ctx: Context) -> tuple[Payload, Any]:
         return self.encode_many([update], [state], [ctx])[0]
 
-    def attach_pool(self, pool: Any, model: Any, global_params: torch.Tensor) -> None:
-        """Fit through ``pool`` (:class:`fedmpi.fitpool.FitPool`): this rank's problems go
-        to the pool's leader once per round; as leader, fit the pool's problems at
-        ``global_params`` (this rank's w^t, updated in place every round) with ``model``."""
+    def solver(self, model: Any, global_params: torch.Tensor) -> synth.Solver:
+        """B problems' fit at ``global_params`` (w^t) with ``model``: what this rank runs
+        for its own clients, and as a fit pool's leader for the pool's (same w^t)."""
         direction = self.direction(model)
 
-        def solver(targets, x0, y0):  # (the pool hands over CPU tensors)
+        def solve(targets, x0, y0):  # (a pool hands over CPU tensors)
             dev = global_params.device
             return synth.fit(direction, global_params, targets.to(dev), x0.to(dev),
                              y0.to(dev), self.options, mode=self.cfg.eval_mode)
 
-        pool.bind(solver, self.spec.d, direction.x_shape, direction.y_shape)
-        self.pool = pool
+        return synth.Solver(solve, self.spec.d, direction.x_shape, direction.y_shape)
 
     def encode_many(self, updates, states, ctxs):
-        if self.pool is not None:  # one pooled fit per call: every client shares w^t
-            if any(c.global_params is not ctxs[0].global_params or c.model is not ctxs[0].model
-                   for c in ctxs):
-                raise RuntimeError("a pooled 3SFC fit needs every client at the same w^t")
-            if not ctxs:  # the client group joins the round's pool with nothing itself
-                return []
+        if any(c.fit is not None for c in ctxs):  # one fit for the call (Context.fit)
+            if any(c.fit != ctxs[0].fit or c.global_params is not ctxs[0].global_params
+                   or c.model is not ctxs[0].model for c in ctxs):
+                raise RuntimeError(f"a pooled {self.name} fit needs every client at the "
+                                   "same w^t (and the same pool)")
             return [(p, s) for p, s in zip(self._encode_run(updates, ctxs), states,
                                            strict=True)]
         out: list[tuple[Payload, Any]] = []
@@ -218,8 +218,8 @@ class SFC3(Compressor):
         targets = torch.stack([u.detach().to(torch.float32) for u in updates])
         x0 = torch.stack([x for x, _ in starts])
         y0 = torch.stack([y for _, y in starts])
-        if self.pool is not None:
-            fit = self.pool.fit(ctx0.round, targets, x0, y0)
+        if ctx0.fit is not None:  # elsewhere (a fit pool), by the same solver
+            fit = ctx0.fit(ctx0.round, self.solver(ctx0.model, w), targets, x0, y0)
         else:
             fit = synth.fit(direction, w, targets, x0, y0, self.options,
                             mode=self.cfg.eval_mode)
