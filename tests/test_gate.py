@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 import time
 
 import numpy as np
@@ -26,49 +27,52 @@ def test_slot_count(configured, cores, threads, sharing, want):
     assert gate.slots_for(configured, cores, threads, sharing) == want
 
 
-def _worker(paths, own, hold, log, start):
+def _worker(paths, own, slots, inside, log, start):
+    """Take a slot; inside, count the holders and wait (up to a minute, however loaded the
+    machine) until ``slots`` are inside at once, so the peak does not depend on timing."""
     g = gate.Gate(paths, own)
     start.wait()
     cpu0 = time.process_time()
     with g.slot():
-        t0 = time.monotonic()
+        with inside.get_lock():
+            inside.value += 1
+            seen = inside.value
         held = g.held
-        time.sleep(hold)
-        t1 = time.monotonic()
-    log.put((own, t0, t1, held, time.process_time() - cpu0))
+        deadline = time.monotonic() + 60
+        while inside.value < slots and time.monotonic() < deadline:
+            time.sleep(0.01)
+        peak = max(seen, inside.value)
+        time.sleep(0.05)  # the others see this one inside too
+        with inside.get_lock():
+            inside.value -= 1
+    log.put((own, seen, peak, held, time.process_time() - cpu0))
     g.close()
 
 
 @pytest.mark.parametrize("slots", [1, 2])
 def test_no_more_than_slots_processes_inside_and_every_slot_used(tmp_path, slots):
-    """6 processes hold a slot 0.25 s each: never more than ``slots`` inside at once, the
-    slots are used in parallel (the whole takes ~6/slots holds, not 6), and a waiting
-    process sleeps in the kernel."""
+    """6 processes take a slot: never more than ``slots`` inside at once, the slots are
+    used in parallel (``slots`` holders inside together), every slot is used, and a
+    waiting process sleeps in the kernel. No wall-time bound: the holders wait for each
+    other inside, so a loaded machine changes how long it takes, not what is checked."""
     paths = [str(tmp_path / f"slot-{i}") for i in range(slots)]
     for p in paths:
         open(p, "w").close()
     ctx = mp.get_context("spawn")
-    log, start = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_worker, args=(paths, i, 0.25, log, start)) for i in range(6)]
+    log, start, inside = ctx.Queue(), ctx.Event(), ctx.Value("i", 0)
+    procs = [ctx.Process(target=_worker, args=(paths, i, slots, inside, log, start))
+             for i in range(6)]
     for p in procs:
         p.start()
     start.set()
     for p in procs:
-        p.join(120)
+        p.join(300)
         assert p.exitcode == 0
     spans = [log.get(timeout=5) for _ in procs]
-    wall = max(t for _, _, t, _, _ in spans) - min(t for _, t, _, _, _ in spans)
-    events = sorted([(t, 1) for _, t, _, _, _ in spans] + [(t, -1) for _, _, t, _, _ in spans],
-                    key=lambda e: (e[0], e[1]))
-    inside = peak = 0
-    for _, step in events:
-        inside += step
-        peak = max(peak, inside)
-    assert peak == slots
-    assert wall < 6 * 0.25 / slots + 1.0  # (processes start at different times)
-    assert wall > 6 * 0.25 / slots - 0.05
+    assert max(seen for _, seen, _, _, _ in spans) <= slots  # never more inside
+    assert max(peak for _, _, peak, _, _ in spans) == slots  # the slots used together
     assert {held for _, _, _, held, _ in spans} == set(range(slots))
-    assert max(cpu for *_, cpu in spans) < 0.1  # holding (and waiting) costs no CPU
+    assert max(cpu for *_, cpu in spans) < 0.5  # holding (and waiting) costs ~no CPU
 
 
 def test_a_dead_holder_frees_its_slot(tmp_path):
@@ -94,9 +98,11 @@ def test_a_dead_holder_frees_its_slot(tmp_path):
             pytest.fail("the child never took the slot")
         holder.kill()
         holder.join(10)
-        t0 = time.monotonic()
-        g.acquire()
-        assert time.monotonic() - t0 < 5
+        got = []
+        taker = threading.Thread(target=lambda: got.append(g.acquire()), daemon=True)
+        taker.start()
+        taker.join(120)  # a bound for a broken gate, not a timing check
+        assert got == [0]
         g.close()
     finally:
         if holder.is_alive():
