@@ -74,6 +74,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedmpi import registry
 from fedmpi.config import Config, DataConfig
 
 TAG_DATA = 101  # random-stream tags: numpy.random.default_rng([seed, TAG, ...])
@@ -724,6 +725,10 @@ PARTITIONS: dict[str, Callable | None] = {
 
 #: partitions that may give a sample to several clients (the others use each exactly once)
 REPEATING = ("client_dirichlet",)
+
+# the names fedmpi.config accepts, and the shapes it checks a model against
+registry.provide(datasets=DATASETS, partitions=PARTITIONS, augmentable=AUGMENTABLE,
+                 dataset_info=info)
 
 
 def partition(loaded: LoadedData, cfg: Config) -> list[np.ndarray]:

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmpi import registry
 from fedmpi.config import ModelConfig
 
 
@@ -302,6 +303,9 @@ def flops_per_sample(module: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 #: models that are chains of dense layers (:func:`dense_layers`)
 DENSE = ("mlp", "logreg")
+
+# the names fedmpi.config accepts, and its check that a model fits a dataset
+registry.provide(models=MODELS, dense=DENSE, model_fit_error=fit_error)
 
 
 def dense_layers(module: nn.Module) -> list[nn.Linear] | None:

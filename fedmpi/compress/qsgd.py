@@ -30,7 +30,7 @@ import torch
 
 from fedmpi.compress import wire
 from fedmpi.compress.base import Compressor, Context, ModelSpec, Payload
-from fedmpi.config import ConfigError
+from fedmpi.errors import ConfigError
 
 TAG_QSGD = 541
 MAX_LEVELS = 2**16 - 1  # levels stay exact in fp32 arithmetic
