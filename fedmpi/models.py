@@ -438,6 +438,3 @@ class FlatModel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
-
-    def named_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        return [(n, tuple(p.shape)) for n, p in self.module.named_parameters()]

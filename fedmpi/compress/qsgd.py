@@ -58,9 +58,6 @@ class QSGD(Compressor):
         self.n_buckets = -(-spec.d // self.bucket)
         self.width = 1 + math.ceil(math.log2(cfg.levels + 1))
 
-    def payload_bytes(self) -> int:
-        return wire.packed_size(self.spec.d, self.width) + 4 * self.n_buckets
-
     def _buckets(self, x: torch.Tensor) -> torch.Tensor:
         pad = self.n_buckets * self.bucket - x.numel()
         if pad:
