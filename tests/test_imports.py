@@ -9,6 +9,9 @@ the submodule ``fedmpi.x`` when one exists, otherwise to the package.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 PKG_ROOT = Path(__file__).resolve().parent.parent / "fedmpi"
@@ -147,3 +150,39 @@ def test_no_import_cycles():
         f"cycle of {len(c)} modules: {', '.join(c)}\n  e.g. {' -> '.join(_one_cycle(graph, c))}"
         for c in comps)
     assert not comps, "import cycles in fedmpi/:\n" + msg
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    root = str(PKG_ROOT.parent)
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=300)
+
+
+def test_config_alone_validates_every_name():
+    """fedmpi.config imports none of the modules whose names it checks: fedmpi.registry
+    loads them on the first lookup, so a process that imported only config still knows
+    every compressor, dataset, model and estimator (and rejects unknown ones)."""
+    proc = _python(
+        "import sys\n"
+        "from fedmpi import config\n"
+        "assert 'fedmpi.compress' not in sys.modules and 'fedmpi.data' not in sys.modules\n"
+        "cfg = config.load(None, ['compressor.name=topk', 'sam.name=fedsam',"
+        " 'model.name=logreg'])\n"
+        "assert cfg.compressor.params.ratio == 0.01\n"
+        "try:\n"
+        "    config.load(None, ['model.name=nope'])\n"
+        "except config.ConfigError as exc:\n"
+        "    assert exc.key == 'model.name' and 'mlp' in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('an unknown model was accepted')\n")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_compressor_module_imports_first():
+    """Import order does not matter: a compressor module that imports ConfigError from
+    fedmpi.config, imported before anything else, does not meet a half-initialised module."""
+    proc = _python("import fedmpi.compress.sfc3\nfrom fedmpi import compress, config\n"
+                   "assert config.ConfigError is __import__('fedmpi.errors').errors.ConfigError\n"
+                   "assert '3sfc' in compress.REGISTRY\n")
+    assert proc.returncode == 0, proc.stderr
