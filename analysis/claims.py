@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import _path  # noqa: F401
 import numpy as np
 
-from fedmpi import analysis as A
+from fedmpi import analysis
 from fedmpi.config import SamConfig
 
 # ---------------------------------------------------------------------------- statistics
@@ -186,7 +186,7 @@ def method_of(flat: dict) -> str:
     label = {"fedsam": "FedSAM", "mofedsam": "MoFedSAM", "fedsynsam": "FedSynSAM"}.get(
         name, name)
     if name == "fedsynsam":
-        changed = [f"{k}={A._fmt(flat.get(f'sam.{k}'))}" for k in KNOBS
+        changed = [f"{k}={analysis._fmt(flat.get(f'sam.{k}'))}" for k in KNOBS
                    if flat.get(f"sam.{k}", DEFAULT_KNOBS[k]) != DEFAULT_KNOBS[k]]
         if changed:
             label += f" ({', '.join(changed)})"
@@ -202,7 +202,7 @@ def compressor_of(flat: dict) -> str:
         return label + (" + EF" if flat.get("compressor.ef") else "")
     if name == "qsgd":
         return f"QSGD s={flat.get('compressor.levels', 15)}"
-    return A.COMPRESSORS.get(name, name)
+    return analysis.COMPRESSORS.get(name, name)
 
 
 def partition_of(flat: dict) -> str:
@@ -210,7 +210,7 @@ def partition_of(flat: dict) -> str:
     if part == "iid":
         return "IID"
     if part in ("dirichlet", "dirichlet_balanced", "client_dirichlet"):
-        return f"Dirichlet α={A._fmt(flat.get('data.alpha'))}"
+        return f"Dirichlet α={analysis._fmt(flat.get('data.alpha'))}"
     return part
 
 
@@ -218,7 +218,7 @@ def partition_of(flat: dict) -> str:
 class Cell:
     """The seeds of one (method, compressor, partition)."""
 
-    runs: dict[int, A.RunInfo] = field(default_factory=dict)  #: seed -> run
+    runs: dict[int, analysis.RunInfo] = field(default_factory=dict)  #: seed -> run
     expected: set[int] = field(default_factory=set)  #: seeds the study has configs for
 
 
@@ -227,7 +227,7 @@ class Study:
     cells: dict[tuple[str, str, str], Cell]
     missing: list[str]  #: expected runs without a complete run file
     extra: list[str]  #: run names found twice (kept the first)
-    runs: list[A.RunInfo]
+    runs: list[analysis.RunInfo]
 
     def cell(self, method: str, comp: str, part: str) -> Cell:
         return self.cells.get((method, comp, part), Cell())
@@ -256,18 +256,18 @@ def expected_configs(folders: Sequence[str], sweeps: Sequence[str]) -> list[tupl
     for folder in folders:
         for path in sorted(glob.glob(os.path.join(folder, "configs", "*.toml"))):
             with open(path) as fh:
-                flat = A.flatten_config(fh.read())
+                flat = analysis.flatten_config(fh.read())
             out[str(flat.get("run.name"))] = flat
     if sweeps:
         from fedmpi import config, sweep
 
         for path in sweeps:
             for p in sweep.load(path).points:
-                out[p.name] = A.flatten_config(config.to_toml(p.config))
+                out[p.name] = analysis.flatten_config(config.to_toml(p.config))
     return sorted(out.items())
 
 
-def collect(runs: Sequence[A.RunInfo], expected: Sequence[tuple[str, dict]]) -> Study:
+def collect(runs: Sequence[analysis.RunInfo], expected: Sequence[tuple[str, dict]]) -> Study:
     cells: dict[tuple[str, str, str], Cell] = {}
     extra = []
 
@@ -293,11 +293,11 @@ def collect(runs: Sequence[A.RunInfo], expected: Sequence[tuple[str, dict]]) -> 
 # ---------------------------------------------------------------------------- metrics
 
 
-def last(r: A.RunInfo, key: str) -> float:
-    return A.last_finite(r.run.rounds[key]) if key in r.run.rounds else float("nan")
+def last(r: analysis.RunInfo, key: str) -> float:
+    return analysis.last_finite(r.run.rounds[key]) if key in r.run.rounds else float("nan")
 
 
-def mean_after_round0(r: A.RunInfo, key: str) -> float:
+def mean_after_round0(r: analysis.RunInfo, key: str) -> float:
     """Mean of a measured per-round column over rounds >= 1 (round 0 has no history)."""
     if key not in r.run.rounds:
         return float("nan")
@@ -306,14 +306,14 @@ def mean_after_round0(r: A.RunInfo, key: str) -> float:
     return float(x.mean()) if x.size else float("nan")
 
 
-def total(r: A.RunInfo, key: str) -> float:
+def total(r: analysis.RunInfo, key: str) -> float:
     return float(np.sum(r.run.rounds[key]))
 
 
 @dataclass(frozen=True)
 class Quantity:
     label: str
-    fn: Callable[[A.RunInfo], float]
+    fn: Callable[[analysis.RunInfo], float]
     fmt: str
     log: bool = False  #: compare as log ratios (positive quantities of varying scale)
 
@@ -347,7 +347,7 @@ def summary(cell: Cell, q: str) -> str:
     want = len(cell.expected | set(cell.runs))
     if not v:
         return "missing" if not cell.runs else "–"
-    s = A.stat(v)
+    s = analysis.stat(v)
     fmt = Q[q].fmt
     text = fmt.format(s.mean) + (f" ± {fmt.format(s.std)}" if s.n > 1 else "")
     return text + (f" (n={s.n}/{want})" if s.n < want else "")
@@ -503,25 +503,25 @@ def claim_c3(st: Study) -> Claim:
 # ---------------------------------------------------------------------------- figures
 
 
-def _series(cell: Cell, key: str) -> A.Series | None:
+def _series(cell: Cell, key: str) -> analysis.Series | None:
     runs = [r for r in cell.runs.values() if key in r.run.rounds
             and np.isfinite(np.asarray(r.run.rounds[key], dtype=float)).any()]
-    return A.series(runs, key) if runs else None
+    return analysis.series(runs, key) if runs else None
 
 
-def _plot_series(ax, s: A.Series | None, label: str, color, marker: str = "") -> None:
+def _plot_series(ax, s: analysis.Series | None, label: str, color, marker: str = "") -> None:
     if s is None:
         return
     ok = np.isfinite(s.mean)
-    A.plot_band(ax, s.rounds, s, label, color)
+    analysis.plot_band(ax, s.rounds, s, label, color)
     if marker and ok.sum() <= 12:
         ax.plot(s.rounds[ok], s.mean[ok], marker, color=color, markersize=3)
 
 
 def figure_c1(st: Study, out: str) -> str:
-    plt = A.pyplot()
+    plt = analysis.pyplot()
     parts, comps = st.partitions, st.compressors
-    col = A.colors(comps)
+    col = analysis.colors(comps)
     fig, axes = plt.subplots(len(parts), 2, figsize=(7.0, 2.8 * len(parts)), squeeze=False)
     for i, p in enumerate(parts):
         for j, (key, label) in enumerate((("sharpness_lmax", r"$\lambda_{\max}$"),
@@ -532,20 +532,20 @@ def figure_c1(st: Study, out: str) -> str:
             ax.set_title(f"FedAvg, {p}")
             ax.set_xlabel("Communication round")
             ax.set_ylabel(label)
-            A.integer_ticks(ax)
+            analysis.integer_ticks(ax)
     fig.suptitle("C1: sharpness of the global model over rounds (mean ± std over seeds)",
                  fontsize=10)
-    A.figure_legend(fig, axes)
+    analysis.figure_legend(fig, axes)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return A.save(fig, out)[0]
+    return analysis.save(fig, out)[0]
 
 
 def figure_cos(st: Study, out: str, title: str = "C2, C3: each client's ascent at its "
                "first local step against the true global gradient") -> str:
-    plt = A.pyplot()
+    plt = analysis.pyplot()
     parts, comps = st.partitions, st.compressors
     methods = [m for m in st.methods if m != "FedAvg"]  # FedAvg climbs nothing
-    col = A.colors(list(ASCENT) + [m for m in methods if m not in ASCENT])
+    col = analysis.colors(list(ASCENT) + [m for m in methods if m not in ASCENT])
     fig, axes = plt.subplots(len(parts), len(comps), figsize=(2.6 * len(comps) + 0.6,
                                                              2.6 * len(parts)),
                              squeeze=False, sharey=True)
@@ -559,17 +559,17 @@ def figure_cos(st: Study, out: str, title: str = "C2, C3: each client's ascent a
             ax.set_xlabel("Communication round")
             if j == 0:
                 ax.set_ylabel("cos(ascent, true global gradient)")
-            A.integer_ticks(ax)
+            analysis.integer_ticks(ax)
     fig.suptitle(f"{title} (participants' mean; mean ± std over seeds)", fontsize=9)
-    A.figure_legend(fig, axes, ncol=len(methods))
+    analysis.figure_legend(fig, axes, ncol=len(methods))
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    return A.save(fig, out)[0]
+    return analysis.save(fig, out)[0]
 
 
 def figure_fit(st: Study, out: str) -> str:
-    plt = A.pyplot()
+    plt = analysis.pyplot()
     parts, comps = st.partitions, st.compressors
-    col = A.colors(comps)
+    col = analysis.colors(comps)
     fig, axes = plt.subplots(1, len(parts), figsize=(3.4 * len(parts), 2.8), squeeze=False)
     for i, p in enumerate(parts):
         ax = axes[0][i]
@@ -578,22 +578,22 @@ def figure_fit(st: Study, out: str) -> str:
         ax.set_title(f"FedSynSAM, {p}")
         ax.set_xlabel("Communication round")
         ax.set_ylabel("fit cosine of S to its segment")
-        A.integer_ticks(ax)
+        analysis.integer_ticks(ax)
     fig.suptitle("C3: how well FedSynSAM's synthetic set matches the trajectory segment "
                  "it was fitted to (mean ± std over seeds)", fontsize=9)
-    A.figure_legend(fig, axes)
+    analysis.figure_legend(fig, axes)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    return A.save(fig, out)[0]
+    return analysis.save(fig, out)[0]
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 def figure_bytes(st: Study, out: str) -> str:
-    plt = A.pyplot()
+    plt = analysis.pyplot()
     parts, comps = st.partitions, st.compressors
     methods = st.methods
-    col = A.colors(list(METHODS) + [m for m in methods if m not in METHODS])
+    col = analysis.colors(list(METHODS) + [m for m in methods if m not in METHODS])
     fig, axes = plt.subplots(1, len(parts), figsize=(3.6 * len(parts), 3.2), squeeze=False,
                              sharey=True)
     for i, p in enumerate(parts):
@@ -606,7 +606,7 @@ def figure_bytes(st: Study, out: str) -> str:
                 acc = [v for v in values(cell, "acc").values() if math.isfinite(v)]
                 if not up or not acc:
                     continue
-                a = A.stat(acc)
+                a = analysis.stat(acc)
                 ax.errorbar(np.mean(up) * nudge, a.mean, yerr=a.std if a.n > 1 else None,
                             marker=MARKERS[k % len(MARKERS)], color=col[m], linestyle="none",
                             markersize=5, capsize=2, label=m if k == 0 else None)
@@ -626,13 +626,13 @@ def figure_bytes(st: Study, out: str) -> str:
                  "nudged sideways)", fontsize=10)
     rows = -(-len(handles) // 5)
     fig.tight_layout(rect=(0, 0.07 * rows, 1, 1))
-    return A.save(fig, out)[0]
+    return analysis.save(fig, out)[0]
 
 
 def figure_final_sharpness(st: Study, out: str) -> str:
-    plt = A.pyplot()
+    plt = analysis.pyplot()
     parts, comps, methods = st.partitions, st.compressors, st.methods
-    col = A.colors(list(METHODS) + [m for m in methods if m not in METHODS])
+    col = analysis.colors(list(METHODS) + [m for m in methods if m not in METHODS])
     fig, axes = plt.subplots(2, len(parts), figsize=(3.8 * len(parts), 5.4), squeeze=False)
     width = 0.8 / max(1, len(methods))
     x = np.arange(len(comps))
@@ -640,7 +640,7 @@ def figure_final_sharpness(st: Study, out: str) -> str:
         for row, q in enumerate(("lmax", "trace")):
             ax = axes[row][i]
             for k, m in enumerate(methods):
-                stats = [A.stat(list(values(st.cell(m, c, p), q).values())) for c in comps]
+                stats = [analysis.stat(list(values(st.cell(m, c, p), q).values())) for c in comps]
                 ax.bar(x + (k - (len(methods) - 1) / 2) * width,
                        np.nan_to_num([s.mean for s in stats]), width,
                        yerr=[s.std if s.n > 1 else 0.0 for s in stats], capsize=2,
@@ -649,10 +649,10 @@ def figure_final_sharpness(st: Study, out: str) -> str:
             ax.set_title(p)
             ax.set_ylabel(Q[q].label)
             ax.grid(axis="x", visible=False)
-    A.figure_legend(fig, axes, ncol=min(len(methods), 3))
+    analysis.figure_legend(fig, axes, ncol=min(len(methods), 3))
     fig.suptitle("Final sharpness per method (mean ± std over seeds)", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    return A.save(fig, out)[0]
+    return analysis.save(fig, out)[0]
 
 
 # ---------------------------------------------------------------------------- report
@@ -670,12 +670,13 @@ def setting_lines(st: Study) -> list[str]:
     steps = (f"{f.get('client.local_steps')} local steps" if f.get("client.local_steps")
              else f"{f.get('client.local_epochs')} local epochs")
     lines = [
-        f"- {A.setting_base(st.runs[0])}, {f.get('data.num_clients')} clients, "
+        f"- {analysis.setting_base(st.runs[0])}, {f.get('data.num_clients')} clients, "
         f"{100 * float(f.get('server.participation', 1)):g}% sampled a round, "
         f"{f.get('run.rounds')} rounds, {steps} of batch {f.get('client.batch_size')}, "
         f"lr {f.get('client.lr')}, weight decay {f.get('client.weight_decay')}.",
         "- rho per method (from the run configs): " + ", ".join(
-            f"{m} {'/'.join(A._fmt(v) for v in sorted(vs))}" for m, vs in sorted(rho.items())),
+            f"{m} {'/'.join(analysis._fmt(v) for v in sorted(vs))}"
+            for m, vs in sorted(rho.items())),
         f"- Sharpness on {f.get('eval.sharpness_samples')} fixed training samples "
         f"(eval.subset_seed = {f.get('eval.subset_seed')}) every "
         f"{f.get('eval.sharpness_every')} rounds; perturbation cosines every "
@@ -718,7 +719,7 @@ def report(st: Study, out_md: str, command: str) -> list[str]:
     walls = [Q["wall"].fn(r) for r in st.runs]
     walls = [w for w in walls if math.isfinite(w)]
     commits = sorted({str(r.run.attrs.get("git_commit", "?"))[:12] for r in st.runs})
-    lines = [f"# FedSynSAM claims: {A.setting_base(st.runs[0]) if st.runs else '(no runs)'}",
+    lines = [f"# FedSynSAM claims: {analysis.setting_base(st.runs[0]) if st.runs else '(no runs)'}",
              "", f"Generated {datetime.date.today().isoformat()} by `{command}` from "
              f"{complete} complete run files of {expected} expected (fedmpi commits: "
              f"{', '.join(commits)}). Every number below is read from the run files.", "",
@@ -756,7 +757,8 @@ def report(st: Study, out_md: str, command: str) -> list[str]:
                      if k[0] in variants or k[0] == "FedSynSAM"}, [], [], st.runs)
         lines += ["## FedSynSAM ablation", "",
                   "One knob at a time from the study's FedSynSAM "
-                  f"({', '.join(f'{k}={A._fmt(v)}' for k, v in DEFAULT_KNOBS.items())}).", "",
+                  f"({', '.join(f'{k}={analysis._fmt(v)}' for k, v in DEFAULT_KNOBS.items())})"
+                  ".", "",
                   *cells_table(abl, ("cos", "fit", "acc", "lmax", "trace", "downlink_mb",
                                      "wall")), ""]
         path = figure_cos(abl, os.path.join(fig_dir, "ablation_perturbation_cosine"),
@@ -781,7 +783,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        runs = A.load(args.runs, args.include_incomplete)
+        runs = analysis.load(args.runs, args.include_incomplete)
     except FileNotFoundError as exc:
         print(f"claims: error: {exc}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import _path  # noqa: F401
 
-from fedmpi import analysis as A
+from fedmpi import analysis
 
 PANELS = (  # (row, column): (round metric, scale, y label, x axis)
     ((0, 0), "test_acc", 100.0, "Test accuracy (%)", "round"),
@@ -35,9 +35,9 @@ TRAFFIC_LABELS = {"uplink": "Cumulative uplink",
                   "total": "Cumulative uplink + downlink"}
 
 
-def plot_setting(table: A.Table, row: str, out_dir: str) -> list[str]:
-    plt = A.pyplot()
-    col = A.colors(table.methods)
+def plot_setting(table: analysis.Table, row: str, out_dir: str) -> list[str]:
+    plt = analysis.pyplot()
+    col = analysis.colors(table.methods)
     fig, axes = plt.subplots(2, 2, figsize=(7.0, 5.2), sharey="row")
     for (i, j), key, scale, ylabel, xaxis in PANELS:
         ax = axes[i][j]
@@ -45,58 +45,58 @@ def plot_setting(table: A.Table, row: str, out_dir: str) -> list[str]:
             runs = table.runs(row, m)
             if not runs:
                 continue
-            s = A.series(runs, key, scale)
-            A.plot_band(ax, s.rounds if xaxis == "round" else s.x_bytes, s, m, col[m],
+            s = analysis.series(runs, key, scale)
+            analysis.plot_band(ax, s.rounds if xaxis == "round" else s.x_bytes, s, m, col[m],
                         LIMITS.get(key))
         if xaxis == "bytes":
             ax.set_xscale("log")
-            A.bytes_axis(ax)
+            analysis.bytes_axis(ax)
             ax.set_xlabel("Cumulative uplink (log scale)")
         else:
             ax.set_xlabel("Communication round")
-            A.integer_ticks(ax)
+            analysis.integer_ticks(ax)
         if j == 0:
             ax.set_ylabel(ylabel)
-    fig.suptitle(f"{row} ({A.seeds_note(table, row)})", fontsize=10)
-    A.figure_legend(fig, axes)
+    fig.suptitle(f"{row} ({analysis.seeds_note(table, row)})", fontsize=10)
+    analysis.figure_legend(fig, axes)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    return A.save(fig, os.path.join(out_dir, f"curves_{A.slug(row)}"))
+    return analysis.save(fig, os.path.join(out_dir, f"curves_{analysis.slug(row)}"))
 
 
-def plot_traffic(table: A.Table, row: str, out_dir: str) -> list[str]:
+def plot_traffic(table: analysis.Table, row: str, out_dir: str) -> list[str]:
     """Test accuracy against the cumulative uplink, downlink and total bytes."""
-    plt = A.pyplot()
-    col = A.colors(table.methods)
+    plt = analysis.pyplot()
+    col = analysis.colors(table.methods)
     fig, axes = plt.subplots(1, 3, figsize=(9.0, 3.2), sharey=True)
     for ax, (axis, label) in zip(axes, TRAFFIC_LABELS.items(), strict=True):
         for m in table.methods:
             runs = table.runs(row, m)
             if runs:
-                s = A.series(runs, "test_acc", 100.0)
-                A.plot_band(ax, s.traffic[axis], s, m, col[m], LIMITS["test_acc"])
+                s = analysis.series(runs, "test_acc", 100.0)
+                analysis.plot_band(ax, s.traffic[axis], s, m, col[m], LIMITS["test_acc"])
         ax.set_xscale("log")
-        A.bytes_axis(ax)
+        analysis.bytes_axis(ax)
         ax.set_xlabel(f"{label} (log scale)")
     axes[0].set_ylabel("Test accuracy (%)")
-    fig.suptitle(f"{row}: accuracy against the bytes moved ({A.seeds_note(table, row)})",
+    fig.suptitle(f"{row}: accuracy against the bytes moved ({analysis.seeds_note(table, row)})",
                  fontsize=10)
-    A.figure_legend(fig, axes)
+    analysis.figure_legend(fig, axes)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    return A.save(fig, os.path.join(out_dir, f"traffic_{A.slug(row)}"))
+    return analysis.save(fig, os.path.join(out_dir, f"traffic_{analysis.slug(row)}"))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = A.cli("curves", __doc__, "figures", out=True)
+    p = analysis.cli("curves", __doc__, "figures", out=True)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    runs = A.load_cli("curves", args)
+    runs = analysis.load_cli("curves", args)
     if not runs:
         print("curves: error: no complete runs found", file=sys.stderr)
         return 1
-    table = A.group(runs, args.rows)
+    table = analysis.group(runs, args.rows)
     for row in table.rows:
         for path in plot_setting(table, row, args.out) + plot_traffic(table, row, args.out):
             print(path)

@@ -17,42 +17,42 @@ from collections.abc import Sequence
 
 import _path  # noqa: F401
 
-from fedmpi import analysis as A
+from fedmpi import analysis
 
 
-def compressed(table: A.Table) -> list[str]:
+def compressed(table: analysis.Table) -> list[str]:
     return [m for m in table.methods
             if any(r.flat.get("compressor.name") != "identity"
                    for row in table.rows for r in table.runs(row, m))]
 
 
-def plot_setting(table: A.Table, row: str, out_dir: str) -> list[str]:
-    plt = A.pyplot()
+def plot_setting(table: analysis.Table, row: str, out_dir: str) -> list[str]:
+    plt = analysis.pyplot()
     methods = compressed(table)
-    col = A.colors(table.methods)
+    col = analysis.colors(table.methods)
     fig, ax = plt.subplots(figsize=(5.0, 3.4))
     for m in methods:
         runs = table.runs(row, m)
         if runs:
-            s = A.series(runs, "efficiency_mean")
-            A.plot_band(ax, s.rounds, s, m, col[m], (-1.0, 1.0))
+            s = analysis.series(runs, "efficiency_mean")
+            analysis.plot_band(ax, s.rounds, s, m, col[m], (-1.0, 1.0))
     ax.set_xlabel("Communication round")
-    A.integer_ticks(ax)
+    analysis.integer_ticks(ax)
     ax.set_ylabel("Compression efficiency (cosine)")
-    ax.set_title(f"{row} ({A.seeds_note(table, row)})")
+    ax.set_title(f"{row} ({analysis.seeds_note(table, row)})")
     ax.legend(frameon=False, loc="best")
     fig.tight_layout()
-    return A.save(fig, os.path.join(out_dir, f"efficiency_{A.slug(row)}"))
+    return analysis.save(fig, os.path.join(out_dir, f"efficiency_{analysis.slug(row)}"))
 
 
-def summary_table(table: A.Table) -> str:
+def summary_table(table: analysis.Table) -> str:
     methods = compressed(table)
     lines = ["| setting | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for row in table.rows:
         cells = []
         for m in methods:
             runs = table.runs(row, m)
-            s = A.cell_stat(runs, "efficiency") if runs else None
+            s = analysis.cell_stat(runs, "efficiency") if runs else None
             cells.append("–" if s is None or s.n == 0 else f"{s.mean:.4f}"
                          + (f" ± {s.std:.4f}" if s.n > 1 else ""))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
@@ -60,14 +60,14 @@ def summary_table(table: A.Table) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = A.cli("efficiency", __doc__, "figures", out=True)
+    p = analysis.cli("efficiency", __doc__, "figures", out=True)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    runs = A.load_cli("efficiency", args)
-    table = A.group(runs, args.rows) if runs else None
+    runs = analysis.load_cli("efficiency", args)
+    table = analysis.group(runs, args.rows) if runs else None
     if table is None or not compressed(table):
         print("efficiency: error: no complete runs of a compressed method found",
               file=sys.stderr)

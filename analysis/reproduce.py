@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import _path  # noqa: F401
 import numpy as np
 
-from fedmpi import analysis as A
+from fedmpi import analysis
 
 PAPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "papers")
 MODEL_COLUMN = {"mlp": "mlp", "mnistnet": "mnistnet", "convnet": "convnet",
@@ -105,7 +105,7 @@ def _budget_multiple(flat: dict, floats: int) -> int:
     return 1
 
 
-def place(r: A.RunInfo) -> tuple[Cell | None, list[str]]:
+def place(r: analysis.RunInfo) -> tuple[Cell | None, list[str]]:
     """The cell a run belongs to, and the protocol keys in which it differs."""
     f = r.flat
     differs = [f"{k} = {f.get(k)!r} (paper: {v!r})" for k, v in PROTOCOL.items()
@@ -226,7 +226,7 @@ def signed(v: float) -> str:
 
 
 def collect(args) -> tuple[dict[Cell, Entry], list[str], list, list[AuthorsRun]]:
-    runs = A.load(args.runs, warn=lambda msg: print(msg, file=sys.stderr))
+    runs = analysis.load(args.runs, warn=lambda msg: print(msg, file=sys.stderr))
     entries: dict[Cell, Entry] = {}
     notes = []
     for cell, (value, ratio) in read_paper(args.paper).items():
@@ -253,7 +253,7 @@ def collect(args) -> tuple[dict[Cell, Entry], list[str], list, list[AuthorsRun]]
 
 def verdict(e: Entry, tol: float) -> tuple[str, float, float]:
     """(verdict, fedmpi - authors, fedmpi - paper)."""
-    s = A.stat([metric_of(r.run, e.metric) for r in e.runs]) if e.runs else None
+    s = analysis.stat([metric_of(r.run, e.metric) for r in e.runs]) if e.runs else None
     mean = s.mean if s else math.nan
     d_auth = mean - float(np.mean(e.authors)) if e.authors else math.nan
     d_paper = mean - e.paper
@@ -278,7 +278,7 @@ def report(args, collected) -> str:
     when = "at its best round" if args.metric == "best" else "after the last round"
     lines += [f"Metric: test accuracy {when} (fraction). Tolerance: ±{args.tol}. Verdict: "
               "against the authors' code where it was run, else against the paper.", ""]
-    wall = [A.last_finite(r.run.rounds["wall_time"]) for r in placed]
+    wall = [analysis.last_finite(r.run.rounds["wall_time"]) for r in placed]
     commits = sorted({str(r.run.attrs.get("git_commit", "?"))[:10] for r in placed})
     lines += ["Runs: " + (f"{len(placed)} fedmpi run files, {sum(wall) / 60:.1f} min of "
                           f"run wall time in all ({np.mean(wall) / 60:.1f} min per run), "
@@ -302,9 +302,9 @@ def report(args, collected) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for cell in sorted(by_table[table], key=order):
             e = entries[cell]
-            s = A.stat([metric_of(r.run, args.metric) for r in e.runs])
+            s = analysis.stat([metric_of(r.run, args.metric) for r in e.runs])
             v, d_auth, d_paper = verdict(e, args.tol)
-            ratios = [A.compression_ratio(r.run) for r in e.runs]
+            ratios = [analysis.compression_ratio(r.run) for r in e.runs]
             ratio = f"{np.mean(ratios):.1f}x" if ratios else "—"
             paper_ratio = (f"{e.paper_ratio:g}x" if math.isfinite(e.paper_ratio) else "—")
             auth = (f"{np.mean(e.authors):.4f} ({len(e.authors)})" if e.authors
@@ -394,8 +394,8 @@ def trajectories(entries: dict[Cell, Entry], authors: list[AuthorsRun]) -> list[
                    "the model the round started from; fedmpi scores the round's result).",
                    "", "| cell | source | " + " | ".join(f"t={t}" for t in CHECK_ROUNDS)
                    + " | clients, last round |", "|---|---|" + "---|" * (len(CHECK_ROUNDS) + 1)]
-        s = A.series(e.runs, "test_acc")
-        cl = A.series(e.runs, "client_acc_mean")
+        s = analysis.series(e.runs, "test_acc")
+        cl = analysis.series(e.runs, "client_acc_mean")
         seed = a.flags.get("seed", "?")
         done = f" ({len(a.server)} rounds)" if not a.complete else ""
         out.append(f"| {a.cell.row} {a.cell.column} {a.cell.clients} | authors' code, seed "
@@ -415,13 +415,13 @@ def figure(entries: dict[Cell, Entry], authors: list[AuthorsRun], out_base: str)
                    key=lambda c: (c.column, c.clients, c.row))
     if not cells:
         return []
-    plt = A.pyplot()
+    plt = analysis.pyplot()
     fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.2), squeeze=False)
-    col = A.colors(["fedmpi", "authors' code"])
+    col = analysis.colors(["fedmpi", "authors' code"])
     for ax, cell in zip(axes[0], cells, strict=True):
-        s = A.series(entries[cell].runs, "test_acc")
+        s = analysis.series(entries[cell].runs, "test_acc")
         s.mean, s.std = np.clip(s.mean, 0, 1), s.std
-        A.plot_band(ax, s.rounds, s, f"fedmpi ({s.n} seeds)", col["fedmpi"])
+        analysis.plot_band(ax, s.rounds, s, f"fedmpi ({s.n} seeds)", col["fedmpi"])
         for a in authors:
             if a.cell == cell:
                 ax.plot(np.arange(1, len(a.server) + 1), a.server, color=col["authors' code"],
@@ -434,8 +434,8 @@ def figure(entries: dict[Cell, Entry], authors: list[AuthorsRun], out_base: str)
             np.min(a.server[len(a.server) // 10:]) for a in authors if a.cell == cell))
         ax.set_ylim(max(0.0, lo - 0.02), min(1.0, float(np.nanmax(s.mean)) + 0.02))
         ax.legend(loc="lower right")
-        A.integer_ticks(ax)
-    return A.save(fig, out_base)
+        analysis.integer_ticks(ax)
+    return analysis.save(fig, out_base)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import _path  # noqa: F401
 
-from fedmpi import analysis as A
+from fedmpi import analysis
 
 START, END = "# rho-selection:start", "# rho-selection:end"
 
@@ -44,7 +44,7 @@ class Method:
     case: str
     match: dict[str, str]
 
-    def of(self, r: A.RunInfo) -> bool:
+    def of(self, r: analysis.RunInfo) -> bool:
         return all(r.flat.get(k, DEFAULTS.get(k)) == v for k, v in self.match.items())
 
 
@@ -70,16 +70,16 @@ class Pick:
     rho: float | None
 
 
-def final_acc(r: A.RunInfo) -> float:
-    return 100.0 * A.last_finite(r.run.rounds["test_acc"])
+def final_acc(r: analysis.RunInfo) -> float:
+    return 100.0 * analysis.last_finite(r.run.rounds["test_acc"])
 
 
-def setting_key(r: A.RunInfo) -> tuple:
+def setting_key(r: analysis.RunInfo) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in r.flat.items()
                         if k not in VARYING_IGNORED and not k.startswith(("eval.", "checkpoint."))))
 
 
-def refuse_test_set(runs: Sequence[A.RunInfo]) -> None:
+def refuse_test_set(runs: Sequence[analysis.RunInfo]) -> None:
     bad = [r.path for r in runs if float(r.flat.get("data.train_frac", 1.0)) >= 1.0
            and r.flat.get("data.dataset") != "synthetic"]
     if bad:
@@ -88,7 +88,7 @@ def refuse_test_set(runs: Sequence[A.RunInfo]) -> None:
                          "(data.train_frac < 1): " + ", ".join(bad[:5]))
 
 
-def select(runs: Sequence[A.RunInfo]) -> list[Pick]:
+def select(runs: Sequence[analysis.RunInfo]) -> list[Pick]:
     picks = []
     for m in METHODS:
         mine = [r for r in runs if m.of(r)]
@@ -179,7 +179,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        runs = A.load(args.runs)
+        runs = analysis.load(args.runs)
     except FileNotFoundError as exc:
         print(f"select_rho: error: {exc}", file=sys.stderr)
         return 2

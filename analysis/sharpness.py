@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import _path  # noqa: F401
 import numpy as np
 
-from fedmpi import analysis as A
+from fedmpi import analysis
 
 QUANTITIES = (("lmax", "sharpness_lmax", r"Top Hessian eigenvalue $\lambda_{\max}$"),
               ("trace", "sharpness_trace", r"Hessian trace $\mathrm{tr}(H)$"))
@@ -30,20 +30,20 @@ DENSE = "none (dense)"  #: the compressor axis's name for uncompressed updates
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))
 
 
-def compressor_label(r: A.RunInfo) -> str:
+def compressor_label(r: analysis.RunInfo) -> str:
     """A run's compressor on the compressor axis: FedAvg's "compressor" is none."""
     if r.flat.get("compressor.name", "identity") == "identity":
         return r.compressor.replace("FedAvg", DENSE, 1)
     return r.compressor
 
 
-def measured(r: A.RunInfo) -> int:
+def measured(r: analysis.RunInfo) -> int:
     return int(np.isfinite(np.asarray(r.run.rounds["sharpness_lmax"], dtype=float)).sum())
 
 
-def cells(table: A.Table, row: str):
+def cells(table: analysis.Table, row: str):
     """(compressors, estimators, {(compressor, estimator): runs}) of one setting."""
-    out: dict[tuple[str, str], list[A.RunInfo]] = {}
+    out: dict[tuple[str, str], list[analysis.RunInfo]] = {}
     for m in table.methods:
         for r in table.runs(row, m):
             if measured(r):
@@ -53,16 +53,16 @@ def cells(table: A.Table, row: str):
     return comps, ests, out
 
 
-def plot_bars(table: A.Table, row: str, out_dir: str) -> list[str]:
-    plt = A.pyplot()
+def plot_bars(table: analysis.Table, row: str, out_dir: str) -> list[str]:
+    plt = analysis.pyplot()
     comps, ests, groups = cells(table, row)
-    col = A.colors(ests)
+    col = analysis.colors(ests)
     fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.2))
     width = 0.8 / len(ests)
     x = np.arange(len(comps))
     for ax, (metric, _key, label) in zip(axes, QUANTITIES, strict=True):
         for i, e in enumerate(ests):
-            stats = [A.cell_stat(groups.get((c, e), []), metric) for c in comps]
+            stats = [analysis.cell_stat(groups.get((c, e), []), metric) for c in comps]
             mean = np.array([s.mean for s in stats])
             std = np.array([s.std if s.n > 1 else 0.0 for s in stats])
             # a compressor without runs of this estimator gets no bar (not a bar at 0)
@@ -74,18 +74,18 @@ def plot_bars(table: A.Table, row: str, out_dir: str) -> list[str]:
         ax.set_ylabel(label)
         ax.set_xlabel("Uplink compressor")
         ax.grid(axis="x", visible=False)
-    fig.suptitle(f"{row}: sharpness at the last measurement ({A.seeds_note(table, row)})"
+    fig.suptitle(f"{row}: sharpness at the last measurement ({analysis.seeds_note(table, row)})"
                  .replace("band", "error bar"), fontsize=10)
-    A.figure_legend(fig, axes)
+    analysis.figure_legend(fig, axes)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    return A.save(fig, os.path.join(out_dir, f"sharpness_{A.slug(row)}"))
+    return analysis.save(fig, os.path.join(out_dir, f"sharpness_{analysis.slug(row)}"))
 
 
-def plot_rounds(table: A.Table, row: str, out_dir: str) -> list[str]:
+def plot_rounds(table: analysis.Table, row: str, out_dir: str) -> list[str]:
     """Colour = estimator (as in the bars), line style = compressor."""
-    plt = A.pyplot()
+    plt = analysis.pyplot()
     comps, ests, groups = cells(table, row)
-    col = A.colors(ests)
+    col = analysis.colors(ests)
     style = {c: LINESTYLES[i % len(LINESTYLES)] for i, c in enumerate(comps)}
     fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.2))
     for ax, (_metric, key, label) in zip(axes, QUANTITIES, strict=True):
@@ -94,22 +94,22 @@ def plot_rounds(table: A.Table, row: str, out_dir: str) -> list[str]:
                 runs = groups.get((c, e))
                 if not runs:
                     continue
-                s = A.series(runs, key)
-                A.plot_band(ax, s.rounds, s, f"{e}, {c}", col[e], linestyle=style[c],
+                s = analysis.series(runs, key)
+                analysis.plot_band(ax, s.rounds, s, f"{e}, {c}", col[e], linestyle=style[c],
                             alpha=0.2 / max(1, len(groups)) ** 0.5)
                 ok = np.isfinite(s.mean)
                 ax.plot(s.rounds[ok], s.mean[ok], "o", color=col[e], markersize=3)
         ax.set_xlabel("Communication round")
-        A.integer_ticks(ax)
+        analysis.integer_ticks(ax)
         ax.set_ylabel(label)
-    fig.suptitle(f"{row}: sharpness during training ({A.seeds_note(table, row)})",
+    fig.suptitle(f"{row}: sharpness during training ({analysis.seeds_note(table, row)})",
                  fontsize=10)
-    A.figure_legend(fig, axes)
+    analysis.figure_legend(fig, axes)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    return A.save(fig, os.path.join(out_dir, f"sharpness_rounds_{A.slug(row)}"))
+    return analysis.save(fig, os.path.join(out_dir, f"sharpness_rounds_{analysis.slug(row)}"))
 
 
-def summary_table(table: A.Table) -> str:
+def summary_table(table: analysis.Table) -> str:
     lines = ["| setting | estimator | compressor | λmax | trace | seeds |",
              "|---|---|---|---|---|---|"]
     for row in table.rows:
@@ -121,28 +121,28 @@ def summary_table(table: A.Table) -> str:
                     continue
                 parts = []
                 for metric, _key, _label in QUANTITIES:
-                    s = A.cell_stat(runs, metric)
+                    s = analysis.cell_stat(runs, metric)
                     parts.append("–" if not math.isfinite(s.mean) else
-                                 A.METRICS[metric].format(s.mean,
+                                 analysis.METRICS[metric].format(s.mean,
                                                           s.std if s.n > 1 else None))
                 lines.append(f"| {row} | {e} | {c} | {parts[0]} | {parts[1]} | {len(runs)} |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = A.cli("sharpness", __doc__, "figures", out=True)
+    p = analysis.cli("sharpness", __doc__, "figures", out=True)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    runs = A.load_cli("sharpness", args)
+    runs = analysis.load_cli("sharpness", args)
     runs = [r for r in runs if measured(r)]
     if not runs:
         print("sharpness: error: no complete runs with sharpness measurements (set "
               "eval.sharpness_every)", file=sys.stderr)
         return 1
-    table = A.group(runs, args.rows)
+    table = analysis.group(runs, args.rows)
     sys.stdout.write(summary_table(table))
     for row in table.rows:
         paths = plot_bars(table, row, args.out)

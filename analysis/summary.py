@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import _path  # noqa: F401
 import numpy as np
 
-from fedmpi import analysis as A
+from fedmpi import analysis
 from fedmpi.progress import fmt_bytes
 
 PHASES = ("train", "encode", "comm", "decode", "eval", "sharpness")
@@ -24,7 +24,7 @@ def seconds(t: float) -> str:
     return f"{t:.3f} s" if t < 10 else f"{t:.1f} s"
 
 
-def summarize(r: A.RunInfo, show_config: bool = False) -> str:
+def summarize(r: analysis.RunInfo, show_config: bool = False) -> str:
     run, f, rounds = r.run, r.flat, r.run.rounds
     n = len(run)
     total = int(f.get("run.rounds", n))
@@ -38,7 +38,7 @@ def summarize(r: A.RunInfo, show_config: bool = False) -> str:
         f"fedmpi     {run.attrs.get('fedmpi_version', '?')} (git "
         f"{str(run.attrs.get('git_commit', '?'))[:12]}), {run.attrs.get('mpi_size', '?')} "
         f"MPI rank(s), started {run.attrs.get('start_time', '?')}",
-        f"setting    {A.setting_base(r)}, {f.get('data.num_clients')} clients "
+        f"setting    {analysis.setting_base(r)}, {f.get('data.num_clients')} clients "
         f"({f.get('data.partition')}"
         + (f", alpha {f.get('data.alpha')}" if "dirichlet" in str(f.get("data.partition"))
            else "") + f"), participation {f.get('server.participation')}, seed {r.seed}",
@@ -55,24 +55,25 @@ def summarize(r: A.RunInfo, show_config: bool = False) -> str:
         last = int(rounds["round"][ok][-1]) + 1
         lines.append(f"accuracy   final {100 * acc[ok][-1]:.2f}% (round {last}), best "
                      f"{100 * acc[best]:.2f}% (round {int(rounds['round'][best]) + 1})")
-    lines.append(f"loss       test {A.last_finite(rounds['test_loss']):.4f}, train (clients' "
-                 f"mean, last round) {A.last_finite(rounds['train_loss']):.4f}")
+    lines.append(f"loss       test {analysis.last_finite(rounds['test_loss']):.4f}, "
+                 f"train (clients' mean, last round) "
+                 f"{analysis.last_finite(rounds['train_loss']):.4f}")
     eff = np.asarray(rounds["efficiency_mean"], dtype=float)
     if np.isfinite(eff).any():
         lines.append(f"efficiency cosine(decoded, true update): mean {np.nanmean(eff):.4f}, "
-                     f"last {A.last_finite(eff):.4f}")
+                     f"last {analysis.last_finite(eff):.4f}")
     for key, label in (("sharpness_lmax", "lambda_max"), ("sharpness_trace", "trace")):
         if np.isfinite(np.asarray(rounds[key], dtype=float)).any():
-            lines.append(f"sharpness  {label} {A.last_finite(rounds[key]):.4f} (last "
+            lines.append(f"sharpness  {label} {analysis.last_finite(rounds[key]):.4f} (last "
                          "measurement)")
     # what the participants sent and downloaded: properties of the federated job (the
     # transport's counters, which change with the rank count, are not shown)
     up = float(np.sum(rounds["uplink_payload_bytes"]))
     down = float(np.sum(rounds["downlink_payload_bytes"]))
     lines.append(f"bytes      uplink {fmt_bytes(up)} ({fmt_bytes(up / max(1, n))}/round, "
-                 f"ratio {A.compression_ratio(run):.1f}x), downlink {fmt_bytes(down)} "
+                 f"ratio {analysis.compression_ratio(run):.1f}x), downlink {fmt_bytes(down)} "
                  f"({fmt_bytes(down / max(1, n))}/round, what the participants download)")
-    wall = A.last_finite(rounds["wall_time"])
+    wall = analysis.last_finite(rounds["wall_time"])
     times = {p: float(np.nansum(rounds[f"time_{p}"])) for p in PHASES
              if f"time_{p}" in rounds}
     spent = sum(times.values())
@@ -101,7 +102,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        runs = A.load(args.runs, include_incomplete=True)
+        runs = analysis.load(args.runs, include_incomplete=True)
     except FileNotFoundError as exc:
         print(f"summary: error: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import _path  # noqa: F401
 
-from fedmpi import analysis as A
+from fedmpi import analysis
 
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
@@ -32,27 +32,27 @@ def latex_escape(text: str) -> str:
     return "".join(LATEX_SPECIAL.get(c, c) for c in text)
 
 
-def cell_values(table: A.Table, metric: str, ratio: bool):
+def cell_values(table: analysis.Table, metric: str, ratio: bool):
     """(row, method) -> (Stat, ratio Stat or None, best?) for every filled cell."""
     out = {}
     for row in table.rows:
-        best = A.best_methods(table, row, metric)
+        best = analysis.best_methods(table, row, metric)
         for m in table.methods:
             runs = table.runs(row, m)
             if runs:
-                out[(row, m)] = (A.cell_stat(runs, metric),
-                                 A.cell_stat(runs, "ratio") if ratio else None, m in best)
+                out[(row, m)] = (analysis.cell_stat(runs, metric),
+                                 analysis.cell_stat(runs, "ratio") if ratio else None, m in best)
     return out
 
 
-def _number(metric: str, s: A.Stat, pm: str) -> str:
-    return A.METRICS[metric].format(s.mean, s.std if s.n > 1 else None, pm)
+def _number(metric: str, s: analysis.Stat, pm: str) -> str:
+    return analysis.METRICS[metric].format(s.mean, s.std if s.n > 1 else None, pm)
 
 
-def render(table: A.Table, metric: str, fmt: str, ratio: bool = True) -> str:
+def render(table: analysis.Table, metric: str, fmt: str, ratio: bool = True) -> str:
     cells = cell_values(table, metric, ratio)
     seeds = sorted({s.n for s, _, _ in cells.values()})
-    note = (f"{A.METRICS[metric].label}: mean ± std over "
+    note = (f"{analysis.METRICS[metric].label}: mean ± std over "
             f"{'/'.join(map(str, seeds))} seed(s)"
             + ("; (N×) = uplink compression ratio" if ratio else "")
             + "; best per row marked")
@@ -73,7 +73,7 @@ def render(table: A.Table, metric: str, fmt: str, ratio: bool = True) -> str:
             t = _number(metric, s, "±") + (f" ({r.mean:.1f}×)" if r else "")
             return f"**{t}**" if best else t
         num, unit = _number(metric, s, r"\pm"), ""
-        if A.METRICS[metric].is_bytes:  # the unit outside math mode
+        if analysis.METRICS[metric].is_bytes:  # the unit outside math mode
             num, unit = num.rsplit(" ", 1)
             unit = f" {unit}"
         t = (rf"$\mathbf{{{num}}}$" if best else f"${num}$") + unit
@@ -95,8 +95,8 @@ def render(table: A.Table, metric: str, fmt: str, ratio: bool = True) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = A.cli("table", __doc__, "rows", out=False)
-    p.add_argument("--metric", default="final_acc", choices=sorted(A.METRICS))
+    p = analysis.cli("table", __doc__, "rows", out=False)
+    p.add_argument("--metric", default="final_acc", choices=sorted(analysis.METRICS))
     p.add_argument("--format", default="md", choices=("md", "latex", "csv"))
     p.add_argument("--no-ratio", action="store_true", help="leave out the compression ratio")
     p.add_argument("-o", "--output", help="write here instead of standard output")
@@ -105,11 +105,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    runs = A.load_cli("table", args)
+    runs = analysis.load_cli("table", args)
     if not runs:
         print("table: error: no complete runs found", file=sys.stderr)
         return 1
-    text = render(A.group(runs, args.rows), args.metric, args.format, not args.no_ratio)
+    text = render(analysis.group(runs, args.rows), args.metric, args.format, not args.no_ratio)
     if args.output:
         with open(args.output, "w") as fh:
             fh.write(text)

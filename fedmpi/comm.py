@@ -47,7 +47,6 @@ class Counters:
     uplink: int = 0  #: payload bytes gathered (Gatherv receive counts)
     downlink: int = 0  #: payload bytes broadcast x receiving client ranks
     meta: int = 0  #: header + per-rank record bytes (not part of any payload)
-    seconds: float = 0.0  #: wall time spent inside transport calls
     per_rank_uplink: list[int] = field(default_factory=list)
 
 
@@ -203,9 +202,7 @@ class Transport:
                            f"it{tail}", [])
 
     def _timed(self, fn: Callable[[], None]) -> None:
-        t0 = time.perf_counter()
         fn()
-        self.counters.seconds += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ round loop
     def bcast_header(self, header: np.ndarray) -> None:

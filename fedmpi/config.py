@@ -26,14 +26,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-
-class ConfigError(ValueError):
-    """A configuration problem, raised before training; ``key`` names the offending key."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"{key}: {message}" if key else message)
-
+from fedmpi import registry
+from fedmpi.errors import ConfigError  # also public here: fedmpi.config.ConfigError
 
 # ---------------------------------------------------------------------------- sections
 
@@ -145,9 +139,7 @@ class DataConfig:
                  "data.syn_max_samples", "must be 0 or >= data.syn_min_samples")
         _require(0.0 < self.syn_test_frac < 1.0, "data.syn_test_frac", "must be in (0, 1)")
         if self.partition == "natural" and self.dataset != "synthetic":
-            from fedmpi import data
-
-            valid = sorted(p for p in data.PARTITIONS if p != "natural")
+            valid = sorted(p for p in registry.lookup("partitions") if p != "natural")
             raise ConfigError("data.partition", "'natural' is only defined for dataset "
                               f"'synthetic'; for {self.dataset!r} use one of: "
                               f"{', '.join(valid)}")
@@ -223,10 +215,8 @@ class CompressorConfig:
     params: Any = None  #: the compressor's own Config dataclass (its extra keys)
 
     def validate(self) -> None:
-        from fedmpi import compress
-
         # a compressor with its own residual (DGC's v) must not be wrapped in a second one
-        if getattr(compress.REGISTRY.get(self.name), "own_residual", False):
+        if getattr(registry.lookup("compressors").get(self.name), "own_residual", False):
             _require(not self.ef, "compressor.ef", f"{self.name} accumulates its own "
                      "residual; error feedback would count the unsent part twice")
             _require(self.downlink == "dense", "compressor.downlink", f"{self.name} is "
@@ -387,23 +377,24 @@ def _positive(obj: Any, section: str, name: str) -> None:
 
 
 def _validate_names(cfg: Config) -> None:
-    from fedmpi import compress, data, models, sam
-
-    _require(cfg.data.dataset in data.DATASETS, "data.dataset",
-             f"unknown dataset {cfg.data.dataset!r}; known: {', '.join(sorted(data.DATASETS))}")
-    _require(cfg.data.partition in data.PARTITIONS, "data.partition",
+    datasets, partitions = registry.lookup("datasets"), registry.lookup("partitions")
+    models, compressors = registry.lookup("models"), registry.lookup("compressors")
+    estimators = registry.lookup("estimators")
+    _require(cfg.data.dataset in datasets, "data.dataset",
+             f"unknown dataset {cfg.data.dataset!r}; known: {', '.join(sorted(datasets))}")
+    _require(cfg.data.partition in partitions, "data.partition",
              f"unknown partition {cfg.data.partition!r}; "
-             f"known: {', '.join(sorted(data.PARTITIONS))}")
-    _require(cfg.model.name in models.MODELS, "model.name",
-             f"unknown model {cfg.model.name!r}; known: {', '.join(sorted(models.MODELS))}")
-    _require(cfg.compressor.name in compress.REGISTRY, "compressor.name",
+             f"known: {', '.join(sorted(partitions))}")
+    _require(cfg.model.name in models, "model.name",
+             f"unknown model {cfg.model.name!r}; known: {', '.join(sorted(models))}")
+    _require(cfg.compressor.name in compressors, "compressor.name",
              f"unknown compressor {cfg.compressor.name!r}; "
-             f"known: {', '.join(sorted(compress.REGISTRY))}")
+             f"known: {', '.join(sorted(compressors))}")
     _require(cfg.client.execution != "batched" or cfg.sam.name == "none", "client.execution",
              "'batched' trains plain SGD only; use 'auto' or 'sequential' with sam.name = "
              f"{cfg.sam.name!r}")
-    _require(cfg.sam.name in sam.ESTIMATORS, "sam.name",
-             f"unknown estimator {cfg.sam.name!r}; known: {', '.join(sorted(sam.ESTIMATORS))}")
+    _require(cfg.sam.name in estimators, "sam.name",
+             f"unknown estimator {cfg.sam.name!r}; known: {', '.join(sorted(estimators))}")
     params = cfg.compressor.params
     if params is not None and hasattr(params, "validate"):
         params.validate()
@@ -413,23 +404,24 @@ def _validate_names(cfg: Config) -> None:
 def _check_data_model(cfg: Config) -> None:
     """Checks that need the dataset's shape: the model must fit it, augmentation and
     classes_per_client must make sense for it."""
-    from fedmpi import data, models
+    augmentable, dense = registry.lookup("augmentable"), registry.lookup("dense")
+    models, fit_error = registry.lookup("models"), registry.lookup("model_fit_error")
 
     cfg.data.validate()  # the dataset's shape is only meaningful for valid data keys
     cfg.model.validate()
-    info = data.info(cfg.data)
-    _require(not cfg.data.augment or cfg.data.dataset in data.AUGMENTABLE, "data.augment",
-             f"random crop + flip is defined for {', '.join(data.AUGMENTABLE)} only "
+    info = registry.lookup("dataset_info")(cfg.data)
+    _require(not cfg.data.augment or cfg.data.dataset in augmentable, "data.augment",
+             f"random crop + flip is defined for {', '.join(augmentable)} only "
              f"(dataset {cfg.data.dataset!r})")
     _require(cfg.data.partition != "shards" or cfg.data.classes_per_client <= info.num_classes,
              "data.classes_per_client", f"{cfg.data.classes_per_client} exceeds the "
              f"{info.num_classes} classes of {cfg.data.dataset!r}")
-    _require(cfg.client.backprop != "dense" or cfg.model.name in models.DENSE,
+    _require(cfg.client.backprop != "dense" or cfg.model.name in dense,
              "client.backprop", f"'dense' is defined for the dense chains "
-             f"{', '.join(models.DENSE)} (model {cfg.model.name!r}); use 'auto' or 'autograd'")
-    problem = models.fit_error(cfg.model, info.input_shape, info.num_classes)
+             f"{', '.join(dense)} (model {cfg.model.name!r}); use 'auto' or 'autograd'")
+    problem = fit_error(cfg.model, info.input_shape, info.num_classes)
     if problem is not None:
-        fitting = sorted(m for m in models.MODELS if models.fit_error(
+        fitting = sorted(m for m in models if fit_error(
             dataclasses.replace(cfg.model, name=m), info.input_shape, info.num_classes) is None)
         raise ConfigError("model.name", f"{problem}; dataset {cfg.data.dataset!r} has "
                           f"inputs of shape {'x'.join(map(str, info.input_shape))} and "
@@ -492,13 +484,12 @@ def build(cls: type, table: dict[str, Any], prefix: str) -> Any:
 
 
 def _build_compressor(table: dict[str, Any]) -> CompressorConfig:
-    from fedmpi import compress
-
+    compressors = registry.lookup("compressors")
     table = dict(table)
     name = table.pop("name", CompressorConfig.name)
     _require(isinstance(name, str), "compressor.name", "must be a string")
-    _require(name in compress.REGISTRY, "compressor.name",
-             f"unknown compressor {name!r}; known: {', '.join(sorted(compress.REGISTRY))}")
+    _require(name in compressors, "compressor.name",
+             f"unknown compressor {name!r}; known: {', '.join(sorted(compressors))}")
     generic = {}
     for f in fields(CompressorConfig):
         if f.name not in ("name", "params") and f.name in table:
@@ -506,8 +497,8 @@ def _build_compressor(table: dict[str, Any]) -> CompressorConfig:
     _require("params" not in table, "compressor.params", "unknown key")
     # ef left unset takes the compressor's own default (its class attribute ``ef_default``,
     # e.g. true for 3sfc as in its paper; false elsewhere); the resolved value is stored
-    generic.setdefault("ef", compress.REGISTRY[name].ef_default)
-    params = build(compress.REGISTRY[name].Config, table, "compressor")
+    generic.setdefault("ef", compressors[name].ef_default)
+    params = build(compressors[name].Config, table, "compressor")
     base = build(CompressorConfig, generic, "compressor")
     return dataclasses.replace(base, name=name, params=params)
 
@@ -733,8 +724,6 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 def reference_rows() -> list[tuple[str, str, str]]:
     """(key, default, meaning) for every config key, compressor keys included."""
-    from fedmpi import compress
-
     rows = []
     for section, cls in SECTIONS.items():
         docs = _field_docs(cls)
@@ -743,7 +732,7 @@ def reference_rows() -> list[tuple[str, str, str]]:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((f"{section}.{f.name}", _toml_value(default), docs.get(f.name, "")))
-    for name, comp in sorted(compress.REGISTRY.items()):
+    for name, comp in sorted(registry.lookup("compressors").items()):
         docs = _field_docs(comp.Config)
         for f in fields(comp.Config):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmpi import registry
 from fedmpi.config import ModelConfig
 from fedmpi.optim import descend_, descend_product_
 
@@ -304,6 +305,9 @@ def flops_per_sample(module: nn.Module, input_shape: tuple[int, ...]) -> int:
 #: models that are chains of dense layers (:func:`dense_layers`)
 DENSE = ("mlp", "logreg")
 
+# the names fedmpi.config accepts, and its check that a model fits a dataset
+registry.provide(models=MODELS, dense=DENSE, model_fit_error=fit_error)
+
 
 def dense_layers(module: nn.Module) -> list[nn.Linear] | None:
     """The Linear layers of ``Sequential([Flatten,] Linear, ReLU, Linear, ..., ReLU,
@@ -435,6 +439,3 @@ class FlatModel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
-
-    def named_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        return [(n, tuple(p.shape)) for n, p in self.module.named_parameters()]

@@ -85,7 +85,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fedmpi import synth
+from fedmpi import registry, synth
 from fedmpi.compress import ModelSpec, Payload
 from fedmpi.config import Config
 
@@ -464,6 +464,7 @@ class FedSynSAM(Estimator):
 
 ESTIMATORS: dict[str, type[Estimator]] = {
     cls.name: cls for cls in (Estimator, FedSAM, MoFedSAM, FedLESAM, FedSynSAM)}
+registry.provide(estimators=ESTIMATORS)  # the names fedmpi.config accepts
 
 
 def build(cfg: Config, spec: ModelSpec) -> Estimator:

@@ -40,9 +40,6 @@ import torch.nn.functional as F
 TAG_SHARPNESS_DATA = 701  #: numpy.random.default_rng([seed, TAG, ...]) stream tags
 TAG_SHARPNESS_PROBE = 702
 
-#: the most eigenvalues / SAM radii the run file has columns for (metrics.ROUND_METRICS)
-MAX_TOPK = 5
-MAX_RHOS = 4
 #: the stderr rule trusts a standard error from at least this many probes
 MIN_PROBES = 10
 

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from fedmpi import analysis as A
+from fedmpi import analysis
 
 from .conftest import REPO, SMALL, run_train
 
@@ -162,11 +162,11 @@ def test_curves_cli_writes_png_and_pdf(runs, tmp_path):
 
 def test_curves_panels_and_series(runs, tmp_path):
     curves = _script("curves")
-    table = A.group(A.load([str(runs)]))
+    table = analysis.group(analysis.load([str(runs)]))
     paths = curves.plot_setting(table, table.rows[0], str(tmp_path))
     assert [Path(p).suffix for p in paths] == [".png", ".pdf"]
     # the plotted series is the mean over seeds, against cumulative uplink bytes
-    s = A.series(table.runs(table.rows[0], "Top-k"), "test_acc", 100.0)
+    s = analysis.series(table.runs(table.rows[0], "Top-k"), "test_acc", 100.0)
     with h5py.File(runs / "topk_s0.h5") as f0, h5py.File(runs / "topk_s1.h5") as f1:
         acc = 50 * (f0["rounds/test_acc"][()] + f1["rounds/test_acc"][()])
         up = 0.5 * (np.cumsum(f0["rounds/uplink_bytes"][()])
@@ -235,21 +235,21 @@ def test_incomplete_runs_are_skipped_unless_asked(runs, tmp_path, capsys):
         shutil.copy(runs / f"fedavg_s{s}.h5", tmp_path / f"fedavg_s{s}.h5")
     with h5py.File(tmp_path / "fedavg_s1.h5", "r+") as f:
         del f.attrs["complete"]
-    got = A.load([str(tmp_path)])
+    got = analysis.load([str(tmp_path)])
     assert [Path(r.path).name for r in got] == ["fedavg_s0.h5"]
     assert "incomplete" in capsys.readouterr().err
-    assert len(A.load([str(tmp_path)], include_incomplete=True)) == 2
+    assert len(analysis.load([str(tmp_path)], include_incomplete=True)) == 2
     with pytest.raises(FileNotFoundError):
-        A.load([str(tmp_path / "nope")])
+        analysis.load([str(tmp_path / "nope")])
 
 
-def fake(path: str, **flat) -> A.RunInfo:
+def fake(path: str, **flat) -> analysis.RunInfo:
     base = {"run.seed": 0, "run.name": path, "data.dataset": "mnist", "model.name": "mlp",
             "data.num_clients": 10, "compressor.name": "identity", "compressor.ef": False,
             "sam.name": "none", "sam.rho": 0.05, "server.aggregation": "mean",
             "eval.every": 1, "run.threads": 1}
     base.update({k.replace("__", "."): v for k, v in flat.items()})
-    return A.RunInfo(path, None, base)
+    return analysis.RunInfo(path, None, base)
 
 
 def test_grouping_labels_rows_and_methods():
@@ -262,7 +262,7 @@ def test_grouping_labels_rows_and_methods():
         fake("g", data__dataset="cifar10", model__name="resnet18"),
         fake("h", data__dataset="emnist", data__max_train=50000),  # follows the dataset
     ]
-    t = A.group(runs, warn=lambda msg: None)
+    t = analysis.group(runs, warn=lambda msg: None)
     assert t.methods == ["FedAvg", "3SFC (ef=false)", "3SFC (ef=true)", "FedSAM+Top-k"]
     assert t.rows == ["MNIST / MLP, num_clients=10", "MNIST / MLP, num_clients=20",
                       "EMNIST / MLP, num_clients=10", "CIFAR-10 / ResNet-18, num_clients=10"]
@@ -271,8 +271,9 @@ def test_grouping_labels_rows_and_methods():
     # row keys move a method key to the rows
     budget = [fake("x", compressor__name="3sfc", compressor__budget_bytes=3180),
               fake("y", compressor__name="3sfc", compressor__budget_bytes=6360)]
-    assert A.group(budget).methods == ["3SFC (budget_bytes=3180)", "3SFC (budget_bytes=6360)"]
-    t = A.group(budget, row_keys=["compressor.budget_bytes"])
+    assert analysis.group(budget).methods == ["3SFC (budget_bytes=3180)",
+                                              "3SFC (budget_bytes=6360)"]
+    t = analysis.group(budget, row_keys=["compressor.budget_bytes"])
     assert t.methods == ["3SFC"]
     assert t.rows == ["MNIST / MLP, budget_bytes=3180", "MNIST / MLP, budget_bytes=6360"]
     # a key that changes only with the setting (a budget matched per dataset) splits no
@@ -280,22 +281,22 @@ def test_grouping_labels_rows_and_methods():
     matched = [fake("m", compressor__name="dgc", compressor__budget_bytes=3180),
                fake("n", compressor__name="dgc", compressor__budget_bytes=12332,
                     data__dataset="cifar10", model__name="convnet")]
-    t = A.group(matched)
+    t = analysis.group(matched)
     assert t.methods == ["DGC"] and t.rows == ["MNIST / MLP", "CIFAR-10 / ConvNet"]
-    t = A.group([*matched, fake("o", compressor__name="dgc", compressor__budget_bytes=1)])
+    t = analysis.group([*matched, fake("o", compressor__name="dgc", compressor__budget_bytes=1)])
     assert t.methods == ["DGC (budget_bytes=1)", "DGC (budget_bytes=3180)",
                          "DGC (budget_bytes=12332)"]
     # a duplicate seed is reported and dropped
     warned = []
-    t = A.group([fake("p"), fake("q")], warn=warned.append)
+    t = analysis.group([fake("p"), fake("q")], warn=warned.append)
     assert len(t.runs(t.rows[0], "FedAvg")) == 1 and "same setting" in warned[0]
 
 
 def test_stat_and_best():
-    s = A.stat([1.0, 2.0, 3.0, float("nan")])
+    s = analysis.stat([1.0, 2.0, 3.0, float("nan")])
     assert (s.mean, s.n) == (2.0, 3) and s.std == pytest.approx(1.0)
-    assert A.stat([4.0]) == A.Stat(4.0, 0.0, 1)
-    assert A.stat([]).n == 0
+    assert analysis.stat([4.0]) == analysis.Stat(4.0, 0.0, 1)
+    assert analysis.stat([]).n == 0
 
 
 # ---------------------------------------------------------------------------- figure details
@@ -303,14 +304,14 @@ def test_stat_and_best():
 
 @pytest.fixture
 def figures(monkeypatch):
-    """The figures the scripts make, kept open instead of written (A.save replaced)."""
+    """The figures the scripts make, kept open instead of written (analysis.save replaced)."""
     kept = {}
 
     def save(fig, out_base):
         kept[Path(out_base).name] = fig
         return [f"{out_base}.png"]
 
-    monkeypatch.setattr(A, "save", save)
+    monkeypatch.setattr(analysis, "save", save)
     yield kept
     import matplotlib.pyplot as plt
 
@@ -324,19 +325,19 @@ def _bands(ax) -> np.ndarray:
 
 
 def test_accuracy_bands_stay_in_0_100(figures):
-    plt = A.pyplot()
-    s = A.Series(rounds=np.arange(1.0, 4.0), mean=np.array([5.0, 60.0, 97.0]),
+    plt = analysis.pyplot()
+    s = analysis.Series(rounds=np.arange(1.0, 4.0), mean=np.array([5.0, 60.0, 97.0]),
                  std=np.array([9.0, 5.0, 8.0]), x_bytes=np.zeros(3), n=2)
     fig, (clipped, raw) = plt.subplots(1, 2)
-    A.plot_band(clipped, s.rounds, s, "m", "C0", (0.0, 100.0))
-    A.plot_band(raw, s.rounds, s, "m", "C0")
+    analysis.plot_band(clipped, s.rounds, s, "m", "C0", (0.0, 100.0))
+    analysis.plot_band(raw, s.rounds, s, "m", "C0")
     assert _bands(raw).max() == 105.0 and _bands(raw).min() == -4.0  # what it would be
     assert _bands(clipped).max() == 100.0 and _bands(clipped).min() == 0.0
 
 
 def test_curves_and_traffic_figures(runs, figures):
     curves = _script("curves")
-    table = A.group(A.load([str(runs)]))
+    table = analysis.group(analysis.load([str(runs)]))
     row = table.rows[0]
     curves.plot_setting(table, row, "out")
     curves.plot_traffic(table, row, "out")
@@ -351,7 +352,7 @@ def test_curves_and_traffic_figures(runs, figures):
     traffic = figures["traffic_Synthetic_MLP"]
     assert [ax.get_xlabel().split(" (")[0].split("\n")[0] for ax in traffic.axes] == [
         "Cumulative uplink", "Cumulative downlink", "Cumulative uplink + downlink"]
-    s = A.series(table.runs(row, "Top-k"), "test_acc", 100.0)
+    s = analysis.series(table.runs(row, "Top-k"), "test_acc", 100.0)
     with h5py.File(runs / "topk_s0.h5") as f0, h5py.File(runs / "topk_s1.h5") as f1:
         down = 0.5 * (np.cumsum(f0["rounds/downlink_payload_bytes"][()])
                       + np.cumsum(f1["rounds/downlink_payload_bytes"][()]))
@@ -364,12 +365,13 @@ def test_curves_and_traffic_figures(runs, figures):
 def test_one_colour_per_method_in_every_figure(runs, figures):
     """FedAvg's line in the curves, the "no SAM" bars and lines of the sharpness plots and
     a method's colour whatever else a figure shows: always the same."""
-    assert A.colors(["Top-k"])["Top-k"] == A.colors(["FedAvg", "3SFC", "Top-k"])["Top-k"]
-    a = A.colors(["FedSAM+Top-k", "X"])
-    assert a["FedSAM+Top-k"] == A.colors(["FedSAM+Top-k"])["FedSAM+Top-k"]
-    assert len(set(A.colors(["FedAvg", "FedAvg (ef=true)", "3SFC"]).values())) == 3
+    alone = analysis.colors(["Top-k"])["Top-k"]
+    assert alone == analysis.colors(["FedAvg", "3SFC", "Top-k"])["Top-k"]
+    a = analysis.colors(["FedSAM+Top-k", "X"])
+    assert a["FedSAM+Top-k"] == analysis.colors(["FedSAM+Top-k"])["FedSAM+Top-k"]
+    assert len(set(analysis.colors(["FedAvg", "FedAvg (ef=true)", "3SFC"]).values())) == 3
     curves, sharp = _script("curves"), _script("sharpness")
-    table = A.group(A.load([str(runs)]))
+    table = analysis.group(analysis.load([str(runs)]))
     row = table.rows[0]
     curves.plot_setting(table, row, "out")
     sharp.plot_bars(table, row, "out")
@@ -389,7 +391,7 @@ def matplotlib_rgb(color) -> tuple[float, float, float]:
 
 def test_sharpness_axis_names_no_compressor_fedavg(runs, figures):
     sharp = _script("sharpness")
-    table = A.group(A.load([str(runs)]))
+    table = analysis.group(analysis.load([str(runs)]))
     sharp.plot_bars(table, table.rows[0], "out")
     ax = figures["sharpness_Synthetic_MLP"].axes[0]
     ticks = [t.get_text() for t in ax.get_xticklabels()]
@@ -401,7 +403,7 @@ def test_sharpness_axis_names_no_compressor_fedavg(runs, figures):
     (2_176_400.0, 51_000.0, "2.18 ± 0.05 MB"), (64_100.0, None, "64.1 KB"),
     (641_000.0, 0.0, "641 ± 0 KB")])
 def test_byte_cells_use_adaptive_units(mean, std, text):
-    assert A.fmt_bytes_stat(mean, std) == text
+    assert analysis.fmt_bytes_stat(mean, std) == text
 
 
 def test_table_of_bytes(runs, capsys):
@@ -410,7 +412,7 @@ def test_table_of_bytes(runs, capsys):
     out = capsys.readouterr().out
     with h5py.File(runs / "topk_s0.h5") as f:
         up = float(np.sum(f["rounds/uplink_payload_bytes"][()]))
-    assert A.fmt_bytes_stat(up, 0.0) in out  # both seeds send the same bytes
+    assert analysis.fmt_bytes_stat(up, 0.0) in out  # both seeds send the same bytes
     row = next(ln for ln in out.splitlines() if ln.startswith("| Synthetic"))
     means = [c.strip(" *").split(" ")[0] for c in row.split("|")[2:-1]]
     assert all(float(m) >= 1 for m in means), row  # never "0.003 ± 0.000 MB"

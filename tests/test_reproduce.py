@@ -128,7 +128,7 @@ def test_runs_are_placed_by_their_config(tmp_path, reproduce, monkeypatch):
     fabricate(tmp_path, "3sfc", 0, [0.1, 0.2], compressor__m=2)
     fabricate(tmp_path, "dgc", 0, [0.1, 0.2], compressor__budget_bytes=4 * (4 * 794 + 1))
     fabricate(tmp_path, "3sfc-noef", 0, [0.1, 0.2], client__local_epochs=10)
-    from fedmpi import analysis as A
+    from fedmpi import analysis
 
-    cells = sorted((c.table, c.row) for c, _ in map(reproduce.place, A.load([tmp_path])))
+    cells = sorted((c.table, c.row) for c, _ in map(reproduce.place, analysis.load([tmp_path])))
     assert cells == [(3, "3sfc@2x"), (3, "dgc@4x"), (4, "3sfc-noef@K=10")]

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from fedmpi import registry
 from fedmpi.compress.base import (
     Compressor,
     Context,
@@ -32,6 +33,7 @@ REGISTRY.update({cls.name: cls for cls in (TopK, RandK, DGC, SignSGD, STC, QSGD)
 REGISTRY.update({cls.name: cls for cls in (SFC3, FedSynth)})
 # the 3SFC paper's baselines as its authors' code runs them (jobs/3sfc_table*.toml)
 REGISTRY.update({cls.name: cls for cls in (TopK3SFC, SignSGD3SFC, STC3SFC)})
+registry.provide(compressors=REGISTRY)  # the names fedmpi.config accepts
 
 
 def build(cfg, spec: ModelSpec) -> Compressor:

@@ -43,7 +43,7 @@ import torch
 from fedmpi.compress import wire
 from fedmpi.compress.base import Compressor, Context, ModelSpec, Payload
 from fedmpi.compress.topk import scatter
-from fedmpi.config import ConfigError
+from fedmpi.errors import ConfigError
 
 TAG_DGC = 521
 UPPER, LOWER, ADAPT_ITERS = 1.3, 0.8, 10  # DGC's threshold adaptation bounds

@@ -30,7 +30,7 @@ import torch
 
 from fedmpi.compress import wire
 from fedmpi.compress.base import Compressor, Context, ModelSpec, Payload
-from fedmpi.config import ConfigError
+from fedmpi.errors import ConfigError
 
 TAG_QSGD = 541
 MAX_LEVELS = 2**16 - 1  # levels stay exact in fp32 arithmetic
@@ -57,9 +57,6 @@ class QSGD(Compressor):
         self.bucket = cfg.bucket if 0 < cfg.bucket < spec.d else spec.d
         self.n_buckets = -(-spec.d // self.bucket)
         self.width = 1 + math.ceil(math.log2(cfg.levels + 1))
-
-    def payload_bytes(self) -> int:
-        return wire.packed_size(self.spec.d, self.width) + 4 * self.n_buckets
 
     def _buckets(self, x: torch.Tensor) -> torch.Tensor:
         pad = self.n_buckets * self.bucket - x.numel()

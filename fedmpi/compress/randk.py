@@ -63,11 +63,6 @@ class RandK(Compressor):
                                        per_entry, fixed)
         self.scale = spec.d / self.k if cfg.scaled else 1.0
 
-    def payload_bytes(self) -> int:
-        if self.cfg.shared_seed:
-            return self.k * self.vbytes + 8
-        return self.k * (self.vbytes + self.width)
-
     def subset(self, seed: int) -> np.ndarray:
         """The sorted k-subset of [0, d) that ``seed`` stands for (client and server)."""
         rng = np.random.default_rng(seed)

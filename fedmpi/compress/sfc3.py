@@ -41,7 +41,7 @@ import torch
 
 from fedmpi import synth
 from fedmpi.compress.base import Compressor, Context, ModelSpec, Payload
-from fedmpi.config import ConfigError
+from fedmpi.errors import ConfigError
 
 TAG_SFC3 = 501  # random stream of the synthetic-feature start (X0, Y0)
 

@@ -54,9 +54,6 @@ class SignSGD(Compressor):
         self.sizes = segments(spec, cfg.per_layer)
         self.n_scales = len(self.sizes) if cfg.scale == "l1" else 0
 
-    def payload_bytes(self) -> int:
-        return (self.spec.d + 7) // 8 + 4 * self.n_scales
-
     def encode(self, update: torch.Tensor, state, ctx: Context):
         p = update.detach().reshape(-1)
         neg = (p < 0).cpu().numpy()

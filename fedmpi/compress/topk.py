@@ -83,9 +83,6 @@ class TopK(Compressor):
                                          cfg.budget_bytes, self.vbytes + self.width)
         self.k = sum(self.counts)
 
-    def payload_bytes(self) -> int:
-        return self.k * (self.vbytes + self.width)
-
     def encode(self, update: torch.Tensor, state, ctx: Context):
         u = update.detach().reshape(-1)
         idx = select_topk(u.abs(), self.sizes, self.counts)

@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from fedmpi.config import ConfigError
+from fedmpi.errors import ConfigError
 
 VALUE_DTYPES: dict[str, type] = {"fp32": np.float32, "fp16": np.float16}
 
