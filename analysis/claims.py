@@ -777,6 +777,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep", nargs="*", default=[], metavar="SWEEP.toml",
                    help="sweep files whose runs are expected (besides <folder>/configs)")
     p.add_argument("--include-incomplete", action="store_true")
+    p.add_argument("--notes", metavar="FILE.md",
+                   help="a markdown file of discussion appended to the report as it is (what "
+                        "was checked, what the verdicts mean); its numbers must come from "
+                        "the tables above it")
     return p.parse_args(argv)
 
 
@@ -798,8 +802,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     command = "python analysis/claims.py " + " ".join(
-        [*args.runs, *(["--sweep", *args.sweep] if args.sweep else []), "-o", args.out])
+        [*args.runs, *(["--sweep", *args.sweep] if args.sweep else []), "-o", args.out,
+         *(["--notes", args.notes] if args.notes else [])])
     text = "\n".join(report(st, args.out, command)) + "\n"
+    if args.notes:
+        with open(args.notes) as fh:
+            text += "\n" + fh.read().strip() + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         fh.write(text)

@@ -273,3 +273,14 @@ def test_select_rho_refuses_runs_that_evaluated_on_the_test_set(tmp_path):
     with pytest.raises(SystemExit, match="official test set"):
         script("select_rho").main([str(tmp_path)])
     assert os.path.exists(tmp_path / "r.h5")
+
+
+def test_notes_are_appended_and_named_in_the_command(study, tmp_path):
+    folder, _ = study
+    notes = tmp_path / "notes.md"
+    notes.write_text("## What was checked\n\nThe rho picks were close.\n")
+    out = tmp_path / "with_notes.md"
+    assert script("claims").main([str(folder), "-o", str(out), "--notes", str(notes)]) == 0
+    text = out.read_text()
+    assert text.rstrip().endswith("The rho picks were close.")
+    assert f"--notes {notes}`" in text.splitlines()[2]  # the command that made it
