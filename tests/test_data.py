@@ -28,6 +28,10 @@ def cfg_for(root, dataset: str, *extra: str) -> config.Config:
                               *(["model.name=convnet"] if dataset.startswith("cifar") else [])])
 
 
+#: where the real MNIST files are, read before the fixture below hides the variable
+MNIST_ROOT = mnist_root()
+
+
 @pytest.fixture(autouse=True)
 def _no_env_root(monkeypatch):
     monkeypatch.delenv("FEDMPI_DATA_ROOT", raising=False)
@@ -111,7 +115,7 @@ def test_read_idx_rejects_what_torchvision_rejects(tmp_path):
 
 
 def test_real_mnist_when_present():
-    root = mnist_root()
+    root = MNIST_ROOT
     if root is None:
         pytest.skip("real MNIST not available")
     loaded = data.load(cfg_for(root, "mnist"))
