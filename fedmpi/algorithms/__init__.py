@@ -7,8 +7,12 @@ from typing import Any
 
 from fedmpi.algorithms.base import Algorithm, ClientHalf, ServerHalf
 from fedmpi.algorithms.fedavg import FedAvg
+from fedmpi.algorithms.fedprox import FedProx
+from fedmpi.algorithms.scaffold import Scaffold
 
 REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg,)}
+REGISTRY[FedProx.name] = FedProx
+REGISTRY[Scaffold.name] = Scaffold
 
 
 def params_of(cfg: Any) -> Any:
