@@ -203,45 +203,44 @@ class Job:
     cpu0: float
 
 
-def setup(args: argparse.Namespace, transport: Transport, distribute=distribute_shards
+def setup(args: argparse.Namespace, comm: Transport, distribute=distribute_shards
           ) -> Job | None:
     """Build this rank's share of the job; None if a resumed run is already complete.
     ``distribute``: how shards reach their ranks (:func:`distribute_shards`)."""
-    t = transport
     # 1. config, device, threads -----------------------------------------------------
     cfg = config.load(args.config, args.overrides)
-    t.wait_mode, t.poll_max = cfg.run.mpi_wait, cfg.run.mpi_poll_max_ms / 1000.0
-    ranks = layout.client_ranks(t.size, cfg.run.server_trains)
+    comm.wait_mode, comm.poll_max = cfg.run.mpi_wait, cfg.run.mpi_poll_max_ms / 1000.0
+    ranks = layout.client_ranks(comm.size, cfg.run.server_trains)
     if len(ranks) > cfg.data.num_clients:
         raise config.ConfigError("data.num_clients", f"{len(ranks)} client ranks but only "
                                  f"{cfg.data.num_clients} clients; run with at most "
                                  f"{cfg.data.num_clients + 1} processes")
-    t.set_client_ranks(ranks)
-    device = layout.pick_device(cfg.run.device, t.local_rank)
-    threads = layout.thread_count(cfg.run.threads, t.local_size)
+    comm.set_client_ranks(ranks)
+    device = layout.pick_device(cfg.run.device, comm.local_rank)
+    threads = layout.thread_count(cfg.run.threads, comm.local_size)
     torch.set_num_threads(threads)
-    compute = open_gate(cfg.run.compute_slots, threads, t.bcast_object(job_key()),
-                        t.node_allgather, t.local_rank)
+    compute = open_gate(cfg.run.compute_slots, threads, comm.bcast_object(job_key()),
+                        comm.node_allgather, comm.local_rank)
     info = data.info(cfg.data)
     # 2. the run file, the checkpoint --------------------------------------------------
-    path = on_server(t, lambda: output_path(cfg, args.overwrite, args.resume))
-    saved = (on_server(t, lambda: resume_state(cfg, path, device, args.restart))
+    path = on_server(comm, lambda: output_path(cfg, args.overwrite, args.resume))
+    saved = (on_server(comm, lambda: resume_state(cfg, path, device, args.restart))
              if args.resume else None)
-    if t.bcast_object(saved == "complete"):
-        if t.is_server:
+    if comm.bcast_object(saved == "complete"):
+        if comm.is_server:
             print(f"fedmpi: {path} is already complete; nothing to resume", flush=True)
         return None
-    first = int(t.bcast_object(saved["round"] if isinstance(saved, dict) else 0))
+    first = int(comm.bcast_object(saved["round"] if isinstance(saved, dict) else 0))
 
     # 3. data: load and partition on rank 0, shards to their owners ---------------------
     def load_and_split():
         loaded = data.load(cfg)
         return loaded, *data.hold_out(data.partition(loaded, cfg), cfg)
 
-    loaded, parts, held = on_server(t, load_and_split) or (None, None, None)
-    sizes = t.bcast_object([len(p) for p in parts] if t.is_server else None)
+    loaded, parts, held = on_server(comm, load_and_split) or (None, None, None)
+    sizes = comm.bcast_object([len(p) for p in parts] if comm.is_server else None)
     owners = layout.assign_clients(sizes, ranks)
-    shards = distribute(t, loaded, parts, owners, device)
+    shards = distribute(comm, loaded, parts, owners, device)
     max_slots = max(len(c) for c in owners.values())
 
     # 4. models and methods: every rank builds the same w^0 from run.seed ---------------
@@ -262,31 +261,31 @@ def setup(args: argparse.Namespace, transport: Transport, distribute=distribute_
     method = algorithms.REGISTRY[cfg.algorithm.name]
     wire = Layout(cfg.data.num_clients, max_slots, method.Client.uploads, method.broadcasts())
     group = None
-    if t.rank in owners:
+    if comm.rank in owners:
         # rank 0 keeps ``model`` as the server's w^t; a client rank has no other use for it,
         # so its group trains in it (w^0 is copied into global_params): one model less
-        group = ClientGroup(cfg, shards, new_model() if t.is_server else model, compressor,
+        group = ClientGroup(cfg, shards, new_model() if comm.is_server else model, compressor,
                             spec, normalizer, estimator, algorithms.client_half(cfg, spec))
         group.set_global(model.params)
     # oversubscribed node: the ranks behind one compute slot fit 3SFC samples together
-    pool = open_pool(t, cfg.run.pool_fits and pooled(compressor) and len(wire.uploads) == 1,
+    pool = open_pool(comm, cfg.run.pool_fits and pooled(compressor) and len(wire.uploads) == 1,
                      compute, compressor, group, compressor.batch_clients,
                      sum(len(s) for s in shards.values()), len(shards))
-    alg_server = algorithms.server_half(cfg, spec) if t.is_server else None
+    alg_server = algorithms.server_half(cfg, spec) if comm.is_server else None
     if first:  # resume: server state on rank 0, client states to their (new) owners
-        restore_run(t, saved, owners, model, down_link, estimator, alg_server, group)
+        restore_run(comm, saved, owners, model, down_link, estimator, alg_server, group)
     client = (ClientRole(group, down_link, estimator, compute, pool, device)
               if group is not None else None)
     server = None
-    if t.is_server:
-        server = server_role(cfg, args, t, path, first, saved, loaded, parts, held, model,
+    if comm.is_server:
+        server = server_role(cfg, args, comm, path, first, saved, loaded, parts, held, model,
                              compressor, spec, normalizer, down_link, estimator, alg_server,
                              wire, owners, len(ranks))
-    return Job(cfg, t, path, first, wire, model.d, RoundLimit(cfg.run.round_timeout,
-               t.is_server), server, client, model, compute, pool, time.process_time())
+    return Job(cfg, comm, path, first, wire, model.d, RoundLimit(cfg.run.round_timeout,
+               comm.is_server), server, client, model, compute, pool, time.process_time())
 
 
-def server_role(cfg, args, t, path, first, saved, loaded, parts, held, model, compressor,
+def server_role(cfg, args, comm, path, first, saved, loaded, parts, held, model, compressor,
                 spec, normalizer, down_link, estimator, alg_server, wire, owners,
                 receivers: int) -> ServerRole:
     """Rank 0: the server, its run file, measurements and console."""
@@ -312,9 +311,9 @@ def server_role(cfg, args, t, path, first, saved, loaded, parts, held, model, co
             meter.previous = saved["previous_params"].to(device)
     del loaded  # rank 0 keeps only the test split (and its own shards, if any)
     if first:
-        writer = metrics.RunWriter.resume(path, first, cfg, t.size, cfg.run.hdf5_swmr)
+        writer = metrics.RunWriter.resume(path, first, cfg, comm.size, cfg.run.hdf5_swmr)
     else:
-        writer = metrics.RunWriter(path, cfg, t.size, cfg.data.num_clients, counts,
+        writer = metrics.RunWriter(path, cfg, comm.size, cfg.data.num_clients, counts,
                                    attrs={"num_params": model.d,
                                           "dense_bytes": compressor.dense_bytes(),
                                           "owners": str(owners)},
@@ -334,8 +333,8 @@ def server_role(cfg, args, t, path, first, saved, loaded, parts, held, model, co
 
 def take_checkpoint(job: Job, rnd: int) -> None:
     """Every rank: send client states to rank 0, which writes the checkpoint atomically."""
-    t, server = job.transport, job.server
-    gathered = t.gather_object(job.client.states() if job.client is not None else ({}, None))
+    comm, server = job.transport, job.server
+    gathered = comm.gather_object(job.client.states() if job.client is not None else ({}, None))
     if server is not None:
         clients: dict = {}
         for states, _ in gathered:
@@ -354,10 +353,10 @@ def take_checkpoint(job: Job, rnd: int) -> None:
         server.last_checkpoint = time.perf_counter()
 
 
-def restore_run(t: Transport, saved, owners, model, down_link, estimator, alg_server,
+def restore_run(comm: Transport, saved, owners, model, down_link, estimator, alg_server,
                 group) -> None:
     """Rank 0 restores the server state and sends each client rank its clients' states."""
-    if t.is_server:
+    if comm.is_server:
         model.params.copy_(saved["params"])
         checkpoint.restore(down_link, saved["downlink"])
         checkpoint.restore(estimator, saved["estimator"])
@@ -367,9 +366,9 @@ def restore_run(t: Transport, saved, owners, model, down_link, estimator, alg_se
             if r == SERVER:
                 mine = part
             else:
-                t.send_object(r, part)
+                comm.send_object(r, part)
     elif group is not None:
-        mine = t.recv_object(SERVER)
+        mine = comm.recv_object(SERVER)
     if group is not None:
         states, replica = mine
         group.states.update(states)
@@ -390,10 +389,10 @@ def pss_mb() -> float:
 def finish(job: Job, code: int) -> int:
     """Every rank: per-rank resource use to rank 0, which closes the run file (complete
     only for a run that finished) and prints the summary; the job's exit status."""
-    t, server, pool = job.transport, job.server, job.pool
-    t.quiet_barrier()  # (blocking MPI calls spin: 40 such ranks slow rank 0's last round)
+    comm, server, pool = job.transport, job.server, job.pool
+    comm.quiet_barrier()  # (blocking MPI calls spin: 40 such ranks slow rank 0's last round)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    per_rank = t.gather_object((usage.ru_maxrss / 1024.0, time.process_time() - job.cpu0,
+    per_rank = comm.gather_object((usage.ru_maxrss / 1024.0, time.process_time() - job.cpu0,
                                 len(job.compute.paths), pool.size if pool else 0,
                                 pool.fitted if pool else 0, pss_mb()))
     if pool is not None:
@@ -414,4 +413,4 @@ def finish(job: Job, code: int) -> int:
             server.board.close()
         if server.history:
             print(summary(job.path, job.cfg.run.name, server.stopped), flush=True)
-    return int(t.bcast_object(code))
+    return int(comm.bcast_object(code))

@@ -80,30 +80,30 @@ def run(args, transport: Transport) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    t = Transport()
+    transport = Transport()
     try:
-        code = run(args, t)
+        code = run(args, transport)
     except (StopRun, *USER_ERRORS) as exc:
-        if t.is_server and str(exc):
+        if transport.is_server and str(exc):
             print(f"fedmpi: error: {exc}", file=sys.stderr, flush=True)
         code = 2
     except FATAL as exc:  # a frozen rank, a full disk: one message, no traceback
         sys.stderr.write(f"fedmpi: error: {exc}\n")
-        if t.size > 1:
-            t.abort(1)
+        if transport.size > 1:
+            transport.abort(1)
         code = 1
     except KeyboardInterrupt:  # Ctrl-C before the round loop could take it over
-        if t.is_server:
+        if transport.is_server:
             print("fedmpi: interrupted before the first round", file=sys.stderr, flush=True)
-        if t.size > 1:
-            t.abort(130)
+        if transport.size > 1:
+            transport.abort(130)
         code = 130
     except BaseException:
-        sys.stderr.write(f"fedmpi: rank {t.rank} of {t.size} failed:\n"
+        sys.stderr.write(f"fedmpi: rank {transport.rank} of {transport.size} failed:\n"
                          + traceback.format_exc())
         sys.stderr.flush()
-        if t.size > 1:
-            t.abort(1)
+        if transport.size > 1:
+            transport.abort(1)
         code = 1
     release_all()  # the run file's lock (rank 0)
     finalize_and_exit(code)
