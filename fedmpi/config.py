@@ -1,7 +1,8 @@
 """Run configuration: frozen dataclasses per component, a TOML loader and ``--set`` overrides.
 
 Config is data. Every key a run accepts is a field below (or a field of the chosen
-compressor's own ``Config`` dataclass, see :mod:`fedmpi.compress`); unknown keys, wrong
+compressor's or algorithm's own ``Config`` dataclass, see :mod:`fedmpi.compress` and
+:mod:`fedmpi.algorithms`); unknown keys, wrong
 types and impossible values raise :class:`ConfigError` naming the key before any rank
 trains. The dataclass defaults *are* the embedded quickstart job (``jobs/quickstart.toml``
 holds the same values; a test keeps the two equal).
