@@ -2,9 +2,8 @@
 
 Config is data. Every key a run accepts is a field below (or a field of the chosen
 compressor's or algorithm's own ``Config`` dataclass, see :mod:`fedmpi.compress` and
-:mod:`fedmpi.algorithms`); unknown keys, wrong
-types and impossible values raise :class:`ConfigError` naming the key before any rank
-trains. The dataclass defaults *are* the embedded quickstart job (``jobs/quickstart.toml``
+:mod:`fedmpi.algorithms`); unknown keys, wrong types and impossible values raise
+:class:`ConfigError` naming the key before any rank trains. The dataclass defaults *are* the embedded quickstart job (``jobs/quickstart.toml``
 holds the same values; a test keeps the two equal).
 
 The resolved config is serialised back to TOML (:func:`to_toml`) and stored in the run's
