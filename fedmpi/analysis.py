@@ -47,6 +47,8 @@ COMPRESSORS = {"identity": "FedAvg", "3sfc": "3SFC", "fedsynth": "FedSynth", "dg
                "signsgd_3sfc": "signSGD (3SFC code)", "stc_3sfc": "STC (3SFC code)"}
 ESTIMATORS = {"none": "", "fedsam": "FedSAM", "mofedsam": "MoFedSAM",
               "fedlesam": "FedLESAM", "fedsynsam": "FedSynSAM"}
+#: algorithm.name -> the prefix of its method label (FedAvg, the default, adds none)
+ALGORITHMS = {"fedavg": "", "fedprox": "FedProx", "scaffold": "SCAFFOLD"}
 DATASETS = {"synthetic": "Synthetic", "mnist": "MNIST", "fmnist": "FMNIST",
             "emnist": "EMNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 MODELS = {"mlp": "MLP", "logreg": "LogReg", "mnistnet": "MnistNet", "convnet": "ConvNet",
@@ -58,7 +60,7 @@ IGNORED_SECTIONS = ("eval", "checkpoint")
 IGNORED_KEYS = {"run.name", "run.seed", "run.out_dir", "run.threads", "run.mpi_wait",
                 "run.mpi_poll_max_ms", "run.hdf5_swmr", "run.device", "run.tensorboard",
                 "data.root", "data.download", "data.check_md5", "run.round_timeout"}
-METHOD_SECTIONS = ("compressor", "sam")
+METHOD_SECTIONS = ("algorithm", "compressor", "sam")
 METHOD_KEYS = {"server.aggregation"}
 
 
@@ -191,6 +193,10 @@ def _compressor_base(r: RunInfo) -> str:
     label = COMPRESSORS.get(name, name)
     if r.flat.get("server.aggregation") == "majority":
         label += " (majority vote)"
+    alg = str(r.flat.get("algorithm.name", "fedavg"))  # runs before [algorithm]: FedAvg
+    alg = ALGORITHMS.get(alg, alg)
+    if alg:
+        label = alg if label == "FedAvg" else f"{alg}+{label}"
     return label
 
 
@@ -258,7 +264,8 @@ def group(runs: Sequence[RunInfo], row_keys: Sequence[str] = (),
         r.setting = setting_base(r) + "".join(
             f", {k.split('.')[1]}={_fmt(r.flat.get(k))}" for k in setting_vary)
     comp = _label_parts(runs, _compressor_base, [k for k in comp_keys
-                                                 if k != "compressor.name"])
+                                                 if k not in ("compressor.name",
+                                                              "algorithm.name")])
     est = _label_parts(runs, _estimator_base, [k for k in sam_keys if k != "sam.name"])
     for r in runs:
         r.compressor, r.estimator = comp[id(r)], est[id(r)]

@@ -9,9 +9,11 @@ It holds everything a run carries between rounds:
 
 * the global model and the server's state: the downlink (server residual, its compressor
   state, the pending compressed payload, the missed-round cache sizes) and the
-  perturbation estimator's server-side state (e.g. FedSynSAM's synthetic set);
+  perturbation estimator's server-side state (e.g. FedSynSAM's synthetic set), and the
+  algorithm's server state (``ServerHalf.state_dict``: SCAFFOLD's c);
 * every client's state (``ClientState``: error-feedback residuals, DGC momentum, the
-  rounds it trained for the learning-rate decay, last global model seen), gathered from
+  rounds it trained for the learning-rate decay, last global model seen, the algorithm's
+  client state such as SCAFFOLD's c_i), gathered from
   the owning ranks, and the client ranks' view of the global model (which differs from
   the server's by the pending payload under a compressed downlink);
 * the round, the number of HDF5 rows, the elapsed wall time and the resolved config.

@@ -9,9 +9,12 @@ no DataLoader, no per-sample Python. A client's learning rate is ``lr * lr_decay
 where n counts the rounds it has trained before, or ``lr * lr_decay^(n + 1)`` with
 ``client.lr_decay_first`` (the 3SFC code decays before every training, the first included).
 
-The update ``Delta = w_K - w^t`` (descent direction, learning rate included) is compressed
-with the client's own compressor state; the client also reports its mean training loss
-and the compression efficiency ``cos(decoded, target)`` as telemetry outside the payload.
+The configured algorithm's client half (:mod:`fedmpi.algorithms`) may correct every
+local gradient (FedProx, SCAFFOLD) and decides what the client uploads from the update
+``Delta = w_K - w^t`` (descent direction, learning rate included): one or more named
+vectors, each compressed with the client's own compressor state for that name. The
+client also reports its mean training loss and the compression efficiency
+``cos(decoded, target)`` of the first upload as telemetry outside the payload.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedmpi import algorithms
 from fedmpi.compress import Compressor, Context, ModelSpec, Payload
 from fedmpi.config import Config
 from fedmpi.data import Normalizer, augmenter
@@ -56,9 +60,12 @@ class Shard:
 class ClientState:
     """Everything a client carries between rounds; lives on the owning rank only."""
 
-    compressor: Any = None
+    compressor: Any = None  #: the compressor's state for the first upload (Delta)
     rounds_trained: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  #: the SAM estimator's
+    algorithm: Any = None  #: the algorithm's client state (SCAFFOLD's c_i)
+    #: the compressor's state for each further upload, by name (SCAFFOLD's "control")
+    payloads: dict[str, Any] | None = None
 
 
 #: divergence codes reported per client (0 = finite)
@@ -68,12 +75,22 @@ DIVERGED = {1: "training loss", 2: "client update", 3: "decoded update"}
 @dataclass
 class ClientResult:
     client: int
-    payload: Payload
+    payloads: dict[str, Payload]  #: by upload name, in the algorithm's wire order
     train_loss: float
     efficiency: float
     num_samples: int
     steps: int
     diverged: int = 0  #: a DIVERGED code; such a client sends no payload
+
+    @property
+    def payload(self) -> Payload:
+        """The first upload's payload (the update Delta)."""
+        return next(iter(self.payloads.values()), Payload({}))
+
+    def to_bytes(self) -> np.ndarray:
+        """Every payload's bytes, in wire order."""
+        parts = [p.to_bytes() for p in self.payloads.values()]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
 
 
 def batch_schedule(n: int, cfg: Config, round_: int, client: int) -> list[np.ndarray]:
@@ -105,16 +122,19 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 class ClientGroup:
     def __init__(self, cfg: Config, shards: dict[int, Shard], model: FlatModel,
                  compressor: Compressor, spec: ModelSpec, normalizer: Normalizer,
-                 estimator: Estimator):
+                 estimator: Estimator, algorithm: algorithms.ClientHalf | None = None):
         self.cfg = cfg
         self.estimator = estimator
+        self.algorithm = algorithm or algorithms.client_half(cfg, spec)
         self.shards = shards
         self.model = model
         model.use_backprop(cfg.client.backprop)
         self.compressor = compressor
         self.spec = spec
         self.normalize = normalizer
-        self.states = {cid: ClientState(compressor.init_state(cid)) for cid in shards}
+        self.states = {cid: ClientState(compressor.init_state(cid), payloads={
+            name: compressor.init_state(cid) for name in self.algorithm.uploads[1:]})
+            for cid in shards}
         self.global_params = torch.zeros_like(model.params)
         self.time_train = 0.0
         self.time_encode = 0.0
@@ -139,10 +159,11 @@ class ClientGroup:
         batches = batch_schedule(len(shard), self.cfg, round_, cid)
         augment = augmenter(self.cfg, round_, cid)  # data.augment (identity when off)
         loss_sum = torch.zeros((), device=params.device)
-        est = self.estimator
+        est, alg = self.estimator, self.algorithm
         est.begin_client(cid, state, self.global_params, round_, lr=lr, steps=len(batches))
-        # plain SGD (no SAM, clipping, weight decay or momentum): one fused step
-        plain = est.plain and sgd.plain
+        state.algorithm = alg.begin(cid, state.algorithm, self.global_params, lr, len(batches))
+        # plain SGD (no SAM, correction, clipping, weight decay or momentum): one fused step
+        plain = est.plain and not alg.corrects and sgd.plain
         for k, idx in enumerate(batches):
             raw, yb = shard.take(idx)
             xb = self.normalize(augment(raw))
@@ -159,6 +180,8 @@ class ClientGroup:
                 if eps is not None:
                     params.sub_(eps)
                 est.descent(grad, k)
+                if alg.corrects:
+                    alg.correct(grad, params)
                 sgd.step(params, grad, momentum, lr)
         state.rounds_trained += 1
         update = params - self.global_params
@@ -212,6 +235,18 @@ class ClientGroup:
                 out[cid] = (w[i] - self.global_params, float(loss_sum[i]) / steps, steps)
         return [out[cid] for cid in cids]
 
+    def _codec_state(self, cid: int, name: str) -> Any:
+        """Client ``cid``'s compressor state for upload ``name``."""
+        state = self.states[cid]
+        return state.compressor if name == self.algorithm.uploads[0] else state.payloads[name]
+
+    def _set_codec_state(self, cid: int, name: str, value: Any) -> None:
+        state = self.states[cid]
+        if name == self.algorithm.uploads[0]:
+            state.compressor = value
+        else:
+            state.payloads[name] = value
+
     def run_round(self, round_: int, participants: list[int], pool: Any = None
                   ) -> list[ClientResult]:
         """Train and encode this group's participating clients, in client-id order.
@@ -255,17 +290,29 @@ class ClientGroup:
                    zip(cids, trained, strict=True)
                    if not (np.isfinite(loss) and bool(torch.isfinite(u).all()))}
             ok = [i for i, cid in enumerate(cids) if cid not in bad]
-            out = iter(self.compressor.compress_many(
-                [trained[i][0] for i in ok], [self.states[cids[i]].compressor for i in ok],
-                [ctxs[i] for i in ok]))
+            vectors = {}  # the algorithm's uploads of the finite clients
+            for i in ok:
+                state = self.states[cids[i]]
+                lr = client_lr(self.cfg.client, state.rounds_trained - 1)  # this round's
+                vectors[cids[i]], state.algorithm = self.algorithm.upload(
+                    cids[i], state.algorithm, trained[i][0], lr, trained[i][2])
+            out = {name: iter(self.compressor.compress_many(
+                [vectors[cids[i]][name] for i in ok],
+                [self._codec_state(cids[i], name) for i in ok], [ctxs[i] for i in ok]))
+                for name in self.algorithm.uploads}
             for cid, (_, loss, steps) in zip(cids, trained, strict=True):
                 if cid in bad:  # reported, never encoded: its state stays as it was
-                    results.append(ClientResult(cid, Payload({}), loss, float("nan"),
+                    results.append(ClientResult(cid, {}, loss, float("nan"),
                                                 len(self.shards[cid]), steps, bad[cid]))
                     continue
-                payload, state, decoded, target = next(out)
-                self.states[cid].compressor = state
-                results.append(ClientResult(cid, payload, loss, cosine(decoded, target),
+                payloads, efficiency = {}, float("nan")
+                for name in self.algorithm.uploads:
+                    payload, state, decoded, target = next(out[name])
+                    self._set_codec_state(cid, name, state)
+                    payloads[name] = payload
+                    if name == self.algorithm.uploads[0]:
+                        efficiency = cosine(decoded, target)
+                results.append(ClientResult(cid, payloads, loss, efficiency,
                                             len(self.shards[cid]), steps))
             self.time_train += t1 - t0
             self.time_encode += time.perf_counter() - t1

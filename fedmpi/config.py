@@ -1,10 +1,11 @@
 """Run configuration: frozen dataclasses per component, a TOML loader and ``--set`` overrides.
 
 Config is data. Every key a run accepts is a field below (or a field of the chosen
-compressor's own ``Config`` dataclass, see :mod:`fedmpi.compress`); unknown keys, wrong
-types and impossible values raise :class:`ConfigError` naming the key before any rank
-trains. The dataclass defaults *are* the embedded quickstart job (``jobs/quickstart.toml``
-holds the same values; a test keeps the two equal).
+compressor's or algorithm's own ``Config`` dataclass, see :mod:`fedmpi.compress` and
+:mod:`fedmpi.algorithms`); unknown keys, wrong types and impossible values raise
+:class:`ConfigError` naming the key before any rank trains. The dataclass defaults *are*
+the embedded quickstart job (``jobs/quickstart.toml`` holds the same values; a test keeps
+the two equal).
 
 The resolved config is serialised back to TOML (:func:`to_toml`) and stored in the run's
 HDF5 file, so a run can be reproduced from its output alone.
@@ -224,6 +225,17 @@ class CompressorConfig:
 
 
 @dataclass(frozen=True)
+class AlgorithmConfig:
+    #: the federated method: fedavg | fedprox | scaffold (see fedmpi.algorithms.REGISTRY);
+    #: its own keys sit beside name in [algorithm]
+    name: str = "fedavg"
+    params: Any = None  #: the algorithm's own Config dataclass (its extra keys)
+
+    def validate(self) -> None:
+        pass  # the name and the algorithm's own keys: _validate_names
+
+
+@dataclass(frozen=True)
 class SamConfig:
     #: perturbation estimator: none | fedsam | mofedsam | fedlesam | fedsynsam
     #: (see fedmpi.sam.ESTIMATORS)
@@ -343,6 +355,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     compressor: CompressorConfig = field(default_factory=CompressorConfig)
     sam: SamConfig = field(default_factory=SamConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -357,8 +370,8 @@ class Config:
 
 SECTIONS: dict[str, type] = {
     "run": RunConfig, "data": DataConfig, "model": ModelConfig, "client": ClientConfig,
-    "compressor": CompressorConfig, "sam": SamConfig, "server": ServerConfig, "eval": EvalConfig,
-    "checkpoint": CheckpointConfig,
+    "algorithm": AlgorithmConfig, "compressor": CompressorConfig, "sam": SamConfig,
+    "server": ServerConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig,
 }
 
 
@@ -398,6 +411,13 @@ def _validate_names(cfg: Config) -> None:
     params = cfg.compressor.params
     if params is not None and hasattr(params, "validate"):
         params.validate()
+    methods = registry.lookup("algorithms")
+    _require(cfg.algorithm.name in methods, "algorithm.name",
+             f"unknown algorithm {cfg.algorithm.name!r}; "
+             f"known: {', '.join(sorted(methods))}")
+    method = methods[cfg.algorithm.name]
+    (cfg.algorithm.params if cfg.algorithm.params is not None else method.Config()).validate()
+    method.check(cfg)
     _check_data_model(cfg)
 
 
@@ -503,6 +523,18 @@ def _build_compressor(table: dict[str, Any]) -> CompressorConfig:
     return dataclasses.replace(base, name=name, params=params)
 
 
+def _build_algorithm(table: dict[str, Any]) -> AlgorithmConfig:
+    """``[algorithm]``: ``name`` and the named algorithm's own keys (its ``Config``)."""
+    methods = registry.lookup("algorithms")
+    table = dict(table)
+    name = table.pop("name", AlgorithmConfig.name)
+    _require(isinstance(name, str), "algorithm.name", "must be a string")
+    _require(name in methods, "algorithm.name",
+             f"unknown algorithm {name!r}; known: {', '.join(sorted(methods))}")
+    _require("params" not in table, "algorithm.params", "unknown key")
+    return AlgorithmConfig(name=name, params=build(methods[name].Config, table, "algorithm"))
+
+
 def _expand_paths(raw: dict[str, Any]) -> dict[str, Any]:
     """``~`` and ``~user`` at the start of a path key expanded (a literal "~" folder is
     never what a config means)."""
@@ -525,8 +557,8 @@ def from_dict(raw: dict[str, Any]) -> Config:
     for name, cls in SECTIONS.items():
         table = raw.get(name, {})
         _require(isinstance(table, dict), name, "must be a table ([section])")
-        sections[name] = _build_compressor(table) if name == "compressor" else build(
-            cls, table, name)
+        builder = {"compressor": _build_compressor, "algorithm": _build_algorithm}.get(name)
+        sections[name] = builder(table) if builder else build(cls, table, name)
     cfg = Config(**sections)
     cfg.validate()
     return cfg
@@ -641,7 +673,8 @@ def load(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Confi
         raw[section][key] = value
     for item in overrides:  # an override must name an existing key
         (section, key), _ = parse_override(item)
-        if section != "compressor" and key not in {f.name for f in fields(SECTIONS[section])}:
+        own = section in ("compressor", "algorithm")  # their own keys: checked when built
+        if not own and key not in {f.name for f in fields(SECTIONS[section])}:
             raise ConfigError(f"{section}.{key}", "--set on a key that does not exist")
     if isinstance(raw.get("run", {}), dict):
         raw.setdefault("run", {})["name"] = name
@@ -674,7 +707,7 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     for f in fields(cfg):
         section = getattr(cfg, f.name)
         table = {k: v for k, v in dataclasses.asdict(section).items() if k != "params"}
-        if isinstance(section, CompressorConfig) and section.params is not None:
+        if isinstance(section, (CompressorConfig, AlgorithmConfig)) and section.params:
             table.update(dataclasses.asdict(section.params))
         out[f.name] = {k: v for k, v in table.items() if v is not None}
     return out
@@ -723,7 +756,8 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def reference_rows() -> list[tuple[str, str, str]]:
-    """(key, default, meaning) for every config key, compressor keys included."""
+    """(key, default, meaning) for every config key, compressor and algorithm keys
+    included."""
     rows = []
     for section, cls in SECTIONS.items():
         docs = _field_docs(cls)
@@ -737,6 +771,12 @@ def reference_rows() -> list[tuple[str, str, str]]:
         for f in fields(comp.Config):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((f"compressor.{f.name} ({name})", _toml_value(default),
+                         docs.get(f.name, "")))
+    for name, alg in sorted(registry.lookup("algorithms").items()):
+        docs = _field_docs(alg.Config)
+        for f in fields(alg.Config):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"algorithm.{f.name} ({name})", _toml_value(default),
                          docs.get(f.name, "")))
     return rows
 

@@ -81,6 +81,80 @@ CLIENT_METRICS: dict[str, str] = {
 }
 
 
+@dataclass
+class RoundTimes:
+    """A round's seconds, as rank 0 measured them (``round`` from the top of the round)."""
+
+    round: float = 0.0
+    train: float = 0.0  #: the slowest rank's training
+    encode: float = 0.0  #: the slowest rank's encoding
+    decode: float = 0.0  #: rank 0: decode and aggregate
+    eval: float = 0.0  #: rank 0: test evaluation and perturbation measurement
+    server: float = 0.0  #: rank 0: decode to the end of sharpness (left out of comm)
+    measured: float = 0.0  #: perturbation measurement (in eval, left out of comm)
+
+
+def uplink_ratio(dense_bytes: int, senders: int, uplink: int) -> float:
+    """Dense fp32 bytes of the clients that sent an update / the bytes they sent; NaN when
+    nothing was sent (every participant diverged), not dense / 1 byte."""
+    return dense_bytes * senders / uplink if uplink else float("nan")
+
+
+def round_row(round_: int, wall_time: float, records: list, diverged: dict[int, int],
+              num_clients: int, counters: Any, times: RoundTimes, *, acc: float,
+              loss: float, client_acc: np.ndarray | None, aggregated: bool,
+              dense_bytes: int, num_params: int, receivers: int, down_size: int,
+              down_client_bytes: int, per_client: dict[str, np.ndarray] | None = None,
+              extra: dict[str, Any] | None = None
+              ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One round's ``/rounds`` row and ``/clients`` arrays (:data:`ROUND_METRICS`,
+    :data:`CLIENT_METRICS`). ``records``: the participants' fedmpi.protocol.ClientRecord
+    in wire order; ``diverged``: client -> DIVERGED code; ``counters``: the transport's
+    byte counters; ``dense_bytes``: the dense fp32 bytes of everything one client sends
+    (the algorithm's uploads); ``per_client`` / ``extra``: further arrays and scalars
+    (perturbation, sharpness)."""
+    clients = {k: np.zeros(num_clients, dtype=dt) for k, dt in
+               (("participation", np.int8), ("uplink_bytes", np.int64), ("steps", np.int64))}
+    clients["train_loss"] = np.full(num_clients, np.nan)
+    clients["efficiency"] = np.full(num_clients, np.nan)
+    clients["diverged"] = np.zeros(num_clients, dtype=np.int8)
+    clients["acc"] = client_acc if client_acc is not None else np.full(num_clients, np.nan)
+    clients.update(per_client or {})
+    for cid, why in diverged.items():
+        clients["diverged"][cid] = why
+    for r in records:
+        clients["participation"][r.client] = 1
+        clients["uplink_bytes"][r.client] = r.nbytes
+        clients["train_loss"][r.client] = r.train_loss
+        clients["efficiency"][r.client] = r.efficiency
+        clients["steps"][r.client] = r.steps
+    by_id = sorted(records, key=lambda r: r.client)  # rank-count independent means
+    c = counters
+    per_broadcast = c.downlink / receivers if receivers else down_size
+    senders = sum(1 for r in records if not r.diverged)  # decode-diverged ones did send
+    row = {
+        "round": round_, "wall_time": wall_time, "test_acc": acc, "test_loss": loss,
+        "client_acc_mean": (float(np.nanmean(client_acc)) if client_acc is not None
+                            else float("nan")),
+        "train_loss": float(np.mean(np.asarray([r.train_loss for r in by_id]))),
+        "participants": len(records), "diverged_clients": len(diverged),
+        "uplink_bytes": c.uplink, "uplink_payload_bytes": int(sum(r.nbytes for r in records)),
+        "downlink_payload_bytes": down_client_bytes,
+        "transport_downlink_bytes": c.downlink, "transport_meta_bytes": c.meta,
+        "compression_ratio_up": uplink_ratio(dense_bytes, senders, c.uplink),
+        "compression_ratio_down": (4 * num_params / per_broadcast if per_broadcast
+                                   else float("nan")),
+        "efficiency_mean": (float(np.nanmean(np.asarray([r.efficiency for r in by_id])))
+                            if aggregated else float("nan")),
+        "time_round": times.round, "time_train": times.train, "time_encode": times.encode,
+        "time_decode": times.decode, "time_eval": times.eval,
+        "time_comm": max(0.0, times.round - times.train - times.encode - times.server
+                         - times.measured),
+        **(extra or {}),
+    }
+    return row, clients
+
+
 def git_commit() -> str:
     here = os.path.dirname(os.path.abspath(fedmpi.__file__))
     try:

@@ -14,6 +14,8 @@ Each provider fills its tables when it is imported (:func:`provide`):
 ``models``          ``fedmpi.models``: name -> factory; ``dense``,
                     ``model_fit_error(model_cfg, input_shape, num_classes)``
 ``estimators``      ``fedmpi.sam``: name -> estimator class
+``algorithms``      ``fedmpi.algorithms``: name -> federated method (its ``Config``,
+                    ``check(cfg)``, client and server halves)
 ==================  =============================================================
 
 This module imports nothing from fedmpi. A lookup of a table no provider has filled yet
@@ -28,11 +30,12 @@ import importlib
 from typing import Any
 
 #: the modules that fill the tables, imported on the first lookup of a missing table
-PROVIDERS = ("fedmpi.compress", "fedmpi.data", "fedmpi.models", "fedmpi.sam")
+PROVIDERS = ("fedmpi.compress", "fedmpi.data", "fedmpi.models", "fedmpi.sam",
+             "fedmpi.algorithms")
 
 #: every table a provider may fill
 TABLES = ("compressors", "datasets", "partitions", "augmentable", "dataset_info", "models",
-          "dense", "model_fit_error", "estimators")
+          "dense", "model_fit_error", "estimators", "algorithms")
 
 _tables: dict[str, Any] = {}
 

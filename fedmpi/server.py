@@ -10,8 +10,11 @@ not depend on how clients were spread over ranks:
 
 then ``w^{t+1} = w^t + server.lr * Delta``.
 
-``aggregate`` returns the step; :mod:`fedmpi.downlink` applies it (exactly, or through
-the downlink compressor) and decides what the next broadcast carries.
+``aggregate`` returns the step (the algorithm's server half,
+:mod:`fedmpi.algorithms`, calls the same :func:`fedmpi.algorithms.base.average`);
+:mod:`fedmpi.downlink` applies it (exactly, or through the downlink compressor) and
+decides what the next broadcast carries. :meth:`Server.decode_uploads` splits a round's
+gathered bytes into the algorithm's named uploads.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedmpi.algorithms.base import average
 from fedmpi.compress import Compressor, Context, ModelSpec
 from fedmpi.config import Config
 from fedmpi.data import ArrayDataset, Normalizer
@@ -77,24 +81,32 @@ class Server:
             raise RuntimeError(f"round {round_}: {buf.size - offset} undecoded uplink bytes")
         return dict(zip(clients, self.compressor.decode_many(payloads, ctxs), strict=True))
 
+    def decode_uploads(self, round_: int, names: tuple[str, ...],
+                       sent: list[tuple[int, tuple[int, ...]]], buf: np.ndarray
+                       ) -> dict[str, dict[int, torch.Tensor]]:
+        """The decoded uploads by name, then client id. ``sent``: (client, the byte size of
+        each of its payloads in ``names`` order) in wire order; a client's payloads lie
+        back to back in ``buf``, in that order."""
+        clients = [cid for cid, _ in sent]
+        if len(names) == 1:
+            return {names[0]: self.decode(round_, clients, [s[0] for _, s in sent], buf)}
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        offset = 0
+        for _, sizes in sent:
+            for name, size in zip(names, sizes, strict=True):
+                parts[name].append(buf[offset:offset + size])
+                offset += size
+        if offset != buf.size:
+            raise RuntimeError(f"round {round_}: {buf.size - offset} undecoded uplink bytes")
+        empty = np.zeros(0, dtype=np.uint8)
+        return {name: self.decode(round_, clients, [s[i] for _, s in sent],
+                                  np.concatenate(parts[name]) if parts[name] else empty)
+                for i, name in enumerate(names)}
+
     def aggregate(self, updates: dict[int, torch.Tensor], num_samples: dict[int, int]
                   ) -> torch.Tensor:
         """server.lr * (mean or sample-weighted mean of the updates), summed by client id."""
-        clients = sorted(updates)
-        if self.cfg.server.aggregation == "majority":  # signSGD with majority vote
-            votes = torch.zeros_like(self.params)
-            for cid in clients:
-                votes.add_(torch.sign(updates[cid]))
-            return votes.sign_().mul_(self.cfg.server.lr)
-        if self.cfg.server.aggregation == "weighted":
-            total = float(sum(num_samples[c] for c in clients))
-            weights = [num_samples[c] / total for c in clients]
-        else:
-            weights = [1.0 / len(clients)] * len(clients)
-        agg = torch.zeros_like(self.params)
-        for cid, w in zip(clients, weights, strict=True):
-            agg.add_(updates[cid], alpha=w)
-        return agg.mul_(self.cfg.server.lr)
+        return average(updates, num_samples, self.cfg.server, self.params)
 
     @torch.no_grad()
     def _scores(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -292,6 +292,19 @@ def test_grouping_labels_rows_and_methods():
     assert len(t.runs(t.rows[0], "FedAvg")) == 1 and "same setting" in warned[0]
 
 
+def test_algorithms_name_methods_and_old_runs_are_fedavg():
+    runs = [fake("old"), fake("new", algorithm__name="fedavg"),
+            fake("s", algorithm__name="scaffold"),
+            fake("t", algorithm__name="scaffold", compressor__name="topk"),
+            fake("p1", algorithm__name="fedprox", algorithm__mu=0.1),
+            fake("p2", algorithm__name="fedprox", algorithm__mu=0.01)]
+    t = analysis.group(runs, warn=lambda msg: None)
+    assert sorted(t.methods) == sorted(["FedAvg", "SCAFFOLD", "SCAFFOLD+Top-k",
+                                        "FedProx (mu=0.1)", "FedProx (mu=0.01)"])
+    assert t.rows == ["MNIST / MLP"]  # the algorithm never splits a setting
+    assert len(t.runs("MNIST / MLP", "FedAvg")) == 1  # old and new FedAvg: one cell
+
+
 def test_stat_and_best():
     s = analysis.stat([1.0, 2.0, 3.0, float("nan")])
     assert (s.mean, s.n) == (2.0, 3) and s.std == pytest.approx(1.0)
