@@ -662,6 +662,8 @@ def main(argv: list[str]) -> int:
     table = render(res)
     print(table, flush=True)
     if args.write:
+        shown = [a for a in argv if a != args.write and not a.startswith("--write")
+                 and a != "--write"]
         report.write(args.write, "perf" + ("-quick" if q else ""),
-                     "python -m fedmpi.bench perf" + (" --quick" if q else ""), table)
+                     " ".join(["python -m fedmpi.bench perf", *shown]), table)
     return 0

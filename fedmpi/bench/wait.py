@@ -70,5 +70,7 @@ def main(argv: list[str]) -> int:
                      f"{r['server_cpu_per_wall']:16.2f} {r['cpu_total']:18.1f}")
     print("\n".join(lines))
     if a.write:
-        report.write(a.write, "wait", "python -m fedmpi.bench wait", "\n".join(lines))
+        shown = [x for x in argv if x not in ("--write", a.write) and not x.startswith("--write")]
+        report.write(a.write, "wait", " ".join(["python -m fedmpi.bench wait", *shown]),
+                     "\n".join(lines))
     return 0
