@@ -503,13 +503,22 @@ def build(cls: type, table: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _build_compressor(table: dict[str, Any]) -> CompressorConfig:
-    compressors = registry.lookup("compressors")
+def _named(table: dict[str, Any], section: str, kind: str, default: str
+           ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """A ``[section]`` whose ``name`` picks an implementation from the registry's ``kind``
+    table: (name, the other keys, that table); an unknown name lists the known ones."""
+    known = registry.lookup(kind)
     table = dict(table)
-    name = table.pop("name", CompressorConfig.name)
-    _require(isinstance(name, str), "compressor.name", "must be a string")
-    _require(name in compressors, "compressor.name",
-             f"unknown compressor {name!r}; known: {', '.join(sorted(compressors))}")
+    name = table.pop("name", default)
+    _require(isinstance(name, str), f"{section}.name", "must be a string")
+    _require(name in known, f"{section}.name",
+             f"unknown {section} {name!r}; known: {', '.join(sorted(known))}")
+    return name, table, known
+
+
+def _build_compressor(table: dict[str, Any]) -> CompressorConfig:
+    name, table, compressors = _named(table, "compressor", "compressors",
+                                      CompressorConfig.name)
     generic = {}
     for f in fields(CompressorConfig):
         if f.name not in ("name", "params") and f.name in table:
@@ -525,12 +534,7 @@ def _build_compressor(table: dict[str, Any]) -> CompressorConfig:
 
 def _build_algorithm(table: dict[str, Any]) -> AlgorithmConfig:
     """``[algorithm]``: ``name`` and the named algorithm's own keys (its ``Config``)."""
-    methods = registry.lookup("algorithms")
-    table = dict(table)
-    name = table.pop("name", AlgorithmConfig.name)
-    _require(isinstance(name, str), "algorithm.name", "must be a string")
-    _require(name in methods, "algorithm.name",
-             f"unknown algorithm {name!r}; known: {', '.join(sorted(methods))}")
+    name, table, methods = _named(table, "algorithm", "algorithms", AlgorithmConfig.name)
     _require("params" not in table, "algorithm.params", "unknown key")
     return AlgorithmConfig(name=name, params=build(methods[name].Config, table, "algorithm"))
 
