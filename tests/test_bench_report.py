@@ -25,3 +25,10 @@ def test_the_block_names_its_commit_and_machine(tmp_path):
     text = report.block("perf", "python -m fedmpi.bench perf", "x")
     assert "fedmpi " in text and "cores" in text and "torch " in text
     assert report.commit() != ""
+
+
+def test_the_command_leaves_out_where_it_was_written():
+    argv = ["--max-ranks", "11", "--write", "docs/performance.md", "--quick"]
+    assert (report.command("python -m fedmpi.bench perf", argv, "docs/performance.md")
+            == "python -m fedmpi.bench perf --max-ranks 11 --quick")
+    assert report.command("p", ["--write=x.md", "-n", "3"], "x.md") == "p -n 3"

@@ -662,8 +662,6 @@ def main(argv: list[str]) -> int:
     table = render(res)
     print(table, flush=True)
     if args.write:
-        shown = [a for a in argv if a != args.write and not a.startswith("--write")
-                 and a != "--write"]
         report.write(args.write, "perf" + ("-quick" if q else ""),
-                     " ".join(["python -m fedmpi.bench perf", *shown]), table)
+                     report.command("python -m fedmpi.bench perf", argv, args.write), table)
     return 0

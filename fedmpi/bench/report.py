@@ -29,6 +29,13 @@ def commit() -> str:
         return "unknown"
 
 
+def command(prog: str, argv: list[str], written: str) -> str:
+    """The command line that made a block: ``prog`` and its arguments, less ``--write FILE``
+    (or ``--write=FILE``)."""
+    shown = [a for a in argv if a not in ("--write", written) and not a.startswith("--write=")]
+    return " ".join([prog, *shown])
+
+
 def block(name: str, command: str, text: str) -> str:
     """The generated block: its command, provenance and the benchmark's output verbatim."""
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

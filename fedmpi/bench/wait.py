@@ -70,7 +70,6 @@ def main(argv: list[str]) -> int:
                      f"{r['server_cpu_per_wall']:16.2f} {r['cpu_total']:18.1f}")
     print("\n".join(lines))
     if a.write:
-        shown = [x for x in argv if x not in ("--write", a.write) and not x.startswith("--write")]
-        report.write(a.write, "wait", " ".join(["python -m fedmpi.bench wait", *shown]),
-                     "\n".join(lines))
+        report.write(a.write, "wait", report.command("python -m fedmpi.bench wait", argv,
+                                                     a.write), "\n".join(lines))
     return 0
